@@ -1,0 +1,471 @@
+// ssmx — reverse-mode automatic differentiation over expressions.
+//
+// A Tape<E> is built by evaluating an expression once, keeping the value of every inner
+// node (leaves are read in place). backward() then walks the expression from the root
+// with a cotangent, applying each functor's VJP, and accumulates dL/dleaf into the
+// gradient tensors of the leaves named as targets. A layer author writes only forward
+// expressions; no derivative is written by hand.
+//
+//   auto y = exp(-softplus(matmul(x, w) + b));
+//   Tensor<double> gw = zeros<double>(w.dims()), gb = zeros<double>(b.dims());
+//   backward(y, g, {wrt(w, gw), wrt(b, gb)});      // gw += dL/dw, gb += dL/db
+//
+// Leaves are identified by their data pointer and extents, so a tensor used twice in an
+// expression receives both contributions. Subtrees with no target leaf are skipped.
+// Private header: include <ssmx/autodiff/autodiff.hpp>.
+#pragma once
+
+#include <initializer_list>
+#include <vector>
+
+#include "vjp_nodes.hpp"
+
+namespace ssmx {
+
+// A leaf to differentiate with respect to, and where its gradient accumulates.
+template <class T, Space S>
+struct GradTarget {
+  const void* data;
+  Dims dims;
+  TensorView<T, S> grad;
+};
+
+// wrt(x, gx): differentiate with respect to the tensor (or view) x; accumulate into gx.
+template <class X, class T, Space S>
+GradTarget<T, S> wrt(const X& x, TensorView<T, S> grad) {
+  auto lv = expr::as_expr(x).view;
+  static_assert(decltype(lv)::space == S, "wrt: the leaf and its gradient must live in the same memory space");
+  SSMX_REQUIRE(grad.dims() == lv.dims(), ShapeError, "wrt: gradient of shape ", grad.dims().str(),
+               " for a leaf of shape ", lv.dims().str());
+  return GradTarget<T, S>{lv.data(), lv.dims(), grad};
+}
+template <class X, class T, Space S>
+GradTarget<T, S> wrt(const X& x, Tensor<T, S>& grad) {
+  return wrt(x, grad.view());
+}
+
+template <class T, Space S>
+using GradTargets = std::vector<GradTarget<T, S>>;
+
+namespace autodiff {
+
+using expr::BroadcastTo;
+using expr::Constant;
+using expr::Leaf;
+using expr::MatMul;
+using expr::Reduce;
+using expr::ReduceAll;
+using expr::Softmax;
+using expr::Transpose;
+using expr::Unary;
+using expr::Binary;
+using expr::Unsqueeze;
+
+// ---- views used in the backward pass --------------------------------------------------
+
+template <class T, Space S>
+TensorView<T, S> insert_axis(TensorView<T, S> v, int axis) {
+  Dims d;
+  d.rank = v.rank() + 1;
+  std::array<index_t, max_rank> st{0, 0, 0, 0};
+  for (int i = 0, k = 0; i < d.rank; ++i) {
+    if (i == axis) {
+      d[i] = 1;
+      st[std::size_t(i)] = 0;
+    } else {
+      d[i] = v.extent(k);
+      st[std::size_t(i)] = v.stride(k);
+      ++k;
+    }
+  }
+  return TensorView<T, S>(v.data(), d, st);
+}
+template <class T, Space S>
+TensorView<T, S> remove_axis(TensorView<T, S> v, int axis) {
+  Dims d;
+  d.rank = v.rank() - 1;
+  std::array<index_t, max_rank> st{0, 0, 0, 0};
+  for (int i = 0, k = 0; i < v.rank(); ++i)
+    if (i != axis) {
+      d[k] = v.extent(i);
+      st[std::size_t(k++)] = v.stride(i);
+    }
+  return TensorView<T, S>(v.data(), d, st);
+}
+template <class T, Space S>
+TensorView<T, S> swap_last(TensorView<T, S> v) {
+  Dims d = v.dims();
+  auto st = v.strides();
+  std::swap(d[d.rank - 1], d[d.rank - 2]);
+  std::swap(st[std::size_t(d.rank - 1)], st[std::size_t(d.rank - 2)]);
+  return TensorView<T, S>(v.data(), d, st);
+}
+
+// Sums `g` over the dimensions that broadcasting stretched, giving a tensor of `target` dims.
+template <class V, Space S>
+Tensor<V, S> reduce_to(TensorView<const V, S> g, const Dims& target) {
+  Tensor<V, S> cur;
+  TensorView<const V, S> v = g;
+  // Leading dimensions that the target lacks.
+  while (v.rank() > target.rank) {
+    Dims d = v.dims();
+    Dims nd;
+    nd.rank = d.rank - 1;
+    for (int i = 1; i < d.rank; ++i) nd[i - 1] = d[i];
+    Tensor<V, S> next(nd, Tag::Workspace);
+    assign(next.view(), ssmx::sum(v, 0));
+    cur = std::move(next);
+    v = cur.view();
+  }
+  for (int i = 0; i < target.rank; ++i) {
+    if (target[i] == 1 && v.extent(i) != 1) {
+      Dims nd = v.dims();
+      nd[i] = 1;
+      Tensor<V, S> next(nd, Tag::Workspace);
+      assign(next.view(), ssmx::sum(v, i, true));
+      cur = std::move(next);
+      v = cur.view();
+    }
+  }
+  if (cur.empty() || cur.dims() != target) {
+    Tensor<V, S> out(target, Tag::Workspace);
+    assign(out.view(), v);
+    return out;
+  }
+  return cur;
+}
+
+// ---- tapes ------------------------------------------------------------------------------
+
+template <class E, Space S>
+struct Tape;
+
+template <class E, Space S>
+struct NodeTape {
+  using V = typename E::value_type;
+  Tensor<V, S> value_;
+  TensorView<const V, S> value() const { return value_.view(); }
+};
+
+template <class Stored, Space S>
+struct Tape<Leaf<Stored, S>, S> {
+  using V = compute_t<Stored>;
+  TensorView<const V, S> view;
+  Tensor<V, S> converted;  // for bf16/half leaves: their values in the compute type
+  explicit Tape(const Leaf<Stored, S>& l) {
+    if constexpr (std::is_same_v<Stored, V>) {
+      view = l.view;
+    } else {
+      converted = Tensor<V, S>(l.dims(), Tag::Workspace);
+      assign(converted.view(), l);
+      view = converted.view();
+    }
+  }
+  TensorView<const V, S> value() const { return view; }
+};
+
+template <class T, Space S>
+struct Tape<Constant<T>, S> {
+  Tensor<T, S> value_;
+  explicit Tape(const Constant<T>& c) : value_(Dims{}, Tag::Workspace) { assign(value_.view(), c); }
+  TensorView<const T, S> value() const { return value_.view(); }
+};
+
+template <class Op, class E, Space S>
+struct Tape<Unary<Op, E>, S> : NodeTape<Unary<Op, E>, S> {
+  Tape<E, S> child;
+  explicit Tape(const Unary<Op, E>& u) : child(u.child) {
+    this->value_ = eval(Unary<Op, Leaf<typename E::value_type, S>>(Leaf<typename E::value_type, S>(child.value())),
+                        Tag::Workspace);
+  }
+};
+
+template <class Op, class L, class R, Space S>
+struct Tape<Binary<Op, L, R>, S> : NodeTape<Binary<Op, L, R>, S> {
+  using V = typename L::value_type;
+  Tape<L, S> lhs;
+  Tape<R, S> rhs;
+  explicit Tape(const Binary<Op, L, R>& b) : lhs(b.lhs), rhs(b.rhs) {
+    this->value_ = eval(Binary<Op, Leaf<V, S>, Leaf<V, S>>(Leaf<V, S>(lhs.value()), Leaf<V, S>(rhs.value())),
+                        Tag::Workspace);
+  }
+};
+
+template <class E, Space S>
+struct Tape<Unsqueeze<E>, S> {
+  Tape<E, S> child;
+  int axis;
+  explicit Tape(const Unsqueeze<E>& u) : child(u.child), axis(u.axis) {}
+  auto value() const { return insert_axis(child.value(), axis); }
+};
+
+template <class E, Space S>
+struct Tape<Transpose<E>, S> {
+  Tape<E, S> child;
+  explicit Tape(const Transpose<E>& t) : child(t.child) {}
+  auto value() const { return swap_last(child.value()); }
+};
+
+template <class E, Space S>
+struct Tape<BroadcastTo<E>, S> : NodeTape<BroadcastTo<E>, S> {
+  Tape<E, S> child;
+  explicit Tape(const BroadcastTo<E>& b) : child(b.child) {
+    using V = typename E::value_type;
+    this->value_ = eval(BroadcastTo<Leaf<V, S>>(Leaf<V, S>(child.value()), b.shape), Tag::Workspace);
+  }
+};
+
+template <class Op, class E, Space S>
+struct Tape<Reduce<Op, E>, S> : NodeTape<Reduce<Op, E>, S> {
+  Tape<E, S> child;
+  explicit Tape(const Reduce<Op, E>& r) : child(r.child) {
+    using V = typename E::value_type;
+    this->value_ = eval(Reduce<Op, Leaf<V, S>>(Leaf<V, S>(child.value()), r.axis, r.keepdim), Tag::Workspace);
+  }
+};
+
+template <class Op, class E, Space S>
+struct Tape<ReduceAll<Op, E>, S> : NodeTape<ReduceAll<Op, E>, S> {
+  Tape<E, S> child;
+  explicit Tape(const ReduceAll<Op, E>& r) : child(r.child) {
+    using V = typename E::value_type;
+    this->value_ = eval(ReduceAll<Op, Leaf<V, S>>(Leaf<V, S>(child.value())), Tag::Workspace);
+  }
+};
+
+template <class L, class R, Space S>
+struct Tape<MatMul<L, R>, S> : NodeTape<MatMul<L, R>, S> {
+  using V = typename L::value_type;
+  Tape<L, S> lhs;
+  Tape<R, S> rhs;
+  explicit Tape(const MatMul<L, R>& m) : lhs(m.lhs), rhs(m.rhs) {
+    this->value_ = eval(MatMul<Leaf<V, S>, Leaf<V, S>>(Leaf<V, S>(lhs.value()), Leaf<V, S>(rhs.value())),
+                        Tag::Workspace);
+  }
+};
+
+template <class Kind, class E, Space S>
+struct Tape<Softmax<Kind, E>, S> : NodeTape<Softmax<Kind, E>, S> {
+  Tape<E, S> child;
+  explicit Tape(const Softmax<Kind, E>& s) : child(s.child) {
+    using V = typename E::value_type;
+    this->value_ = eval(Softmax<Kind, Leaf<V, S>>(Leaf<V, S>(child.value())), Tag::Workspace);
+  }
+};
+
+// ---- which subtrees need a gradient ------------------------------------------------------
+// (All overloads are declared first: they call each other through the expression tree.)
+
+template <class T, Space S, class Stored>
+bool needs_grad(const Leaf<Stored, S>& l, const GradTargets<T, S>& targets);
+template <class T, Space S, class C>
+bool needs_grad(const Constant<C>&, const GradTargets<T, S>&);
+template <class T, Space S, class Op, class E>
+bool needs_grad(const Unary<Op, E>& u, const GradTargets<T, S>& t);
+template <class T, Space S, class Op, class L, class R>
+bool needs_grad(const Binary<Op, L, R>& b, const GradTargets<T, S>& t);
+template <class T, Space S, class L, class R>
+bool needs_grad(const MatMul<L, R>& m, const GradTargets<T, S>& t);
+template <class T, Space S, class E, class = decltype(std::declval<const E&>().child)>
+bool needs_grad(const E& e, const GradTargets<T, S>& t);
+
+template <class T, Space S, class V, class Stored>
+void backward(const Leaf<Stored, S>& l, const Tape<Leaf<Stored, S>, S>&, TensorView<const V, S> g,
+              const GradTargets<T, S>& targets);
+template <class T, Space S, class V, class C>
+void backward(const Constant<C>&, const Tape<Constant<C>, S>&, TensorView<const V, S>, const GradTargets<T, S>&);
+template <class T, Space S, class V, class Op, class E>
+void backward(const Unary<Op, E>& u, const Tape<Unary<Op, E>, S>& tape, TensorView<const V, S> g,
+              const GradTargets<T, S>& targets);
+template <class T, Space S, class V, class Op, class L, class R>
+void backward(const Binary<Op, L, R>& b, const Tape<Binary<Op, L, R>, S>& tape, TensorView<const V, S> g,
+              const GradTargets<T, S>& targets);
+template <class T, Space S, class V, class E>
+void backward(const Unsqueeze<E>& u, const Tape<Unsqueeze<E>, S>& tape, TensorView<const V, S> g,
+              const GradTargets<T, S>& targets);
+template <class T, Space S, class V, class E>
+void backward(const Transpose<E>& t, const Tape<Transpose<E>, S>& tape, TensorView<const V, S> g,
+              const GradTargets<T, S>& targets);
+template <class T, Space S, class V, class E>
+void backward(const BroadcastTo<E>& b, const Tape<BroadcastTo<E>, S>& tape, TensorView<const V, S> g,
+              const GradTargets<T, S>& targets);
+template <class T, Space S, class V, class Op, class E>
+void backward(const Reduce<Op, E>& r, const Tape<Reduce<Op, E>, S>& tape, TensorView<const V, S> g,
+              const GradTargets<T, S>& targets);
+template <class T, Space S, class V, class Op, class E>
+void backward(const ReduceAll<Op, E>& r, const Tape<ReduceAll<Op, E>, S>& tape, TensorView<const V, S> g,
+              const GradTargets<T, S>& targets);
+template <class T, Space S, class V, class L, class R>
+void backward(const MatMul<L, R>& m, const Tape<MatMul<L, R>, S>& tape, TensorView<const V, S> g,
+              const GradTargets<T, S>& targets);
+template <class T, Space S, class V, class Kind, class E>
+void backward(const Softmax<Kind, E>& s, const Tape<Softmax<Kind, E>, S>& tape, TensorView<const V, S> g,
+              const GradTargets<T, S>& targets);
+
+
+template <class T, Space S, class Stored>
+bool needs_grad(const Leaf<Stored, S>& l, const GradTargets<T, S>& targets) {
+  for (const auto& t : targets)
+    if (t.data == static_cast<const void*>(l.view.data()) && t.dims == l.view.dims()) return true;
+  return false;
+}
+template <class T, Space S, class C>
+bool needs_grad(const Constant<C>&, const GradTargets<T, S>&) {
+  return false;
+}
+template <class T, Space S, class Op, class E>
+bool needs_grad(const Unary<Op, E>& u, const GradTargets<T, S>& t) {
+  return needs_grad(u.child, t);
+}
+template <class T, Space S, class Op, class L, class R>
+bool needs_grad(const Binary<Op, L, R>& b, const GradTargets<T, S>& t) {
+  return needs_grad(b.lhs, t) || needs_grad(b.rhs, t);
+}
+template <class T, Space S, class L, class R>
+bool needs_grad(const MatMul<L, R>& m, const GradTargets<T, S>& t) {
+  return needs_grad(m.lhs, t) || needs_grad(m.rhs, t);
+}
+template <class T, Space S, class E, class>
+bool needs_grad(const E& e, const GradTargets<T, S>& t) {
+  return needs_grad(e.child, t);
+}
+
+// ---- backward -----------------------------------------------------------------------------
+
+template <class T, Space S, class V, class Stored>
+void backward(const Leaf<Stored, S>& l, const Tape<Leaf<Stored, S>, S>&, TensorView<const V, S> g,
+              const GradTargets<T, S>& targets) {
+  for (const auto& t : targets)
+    if (t.data == static_cast<const void*>(l.view.data()) && t.dims == l.view.dims()) accumulate(t.grad, g);
+}
+
+template <class T, Space S, class V, class C>
+void backward(const Constant<C>&, const Tape<Constant<C>, S>&, TensorView<const V, S>, const GradTargets<T, S>&) {}
+
+template <class T, Space S, class V, class Op, class E>
+void backward(const Unary<Op, E>& u, const Tape<Unary<Op, E>, S>& tape, TensorView<const V, S> g,
+              const GradTargets<T, S>& targets) {
+  if (!needs_grad(u.child, targets)) return;
+  Tensor<V, S> gx = eval(expr::Map3<expr::UnaryVjp<Op>, Leaf<V, S>, Leaf<V, S>, Leaf<V, S>>(
+                             {}, Leaf<V, S>(tape.child.value()), Leaf<V, S>(tape.value()), Leaf<V, S>(g)),
+                         Tag::Workspace);
+  backward(u.child, tape.child, TensorView<const V, S>(gx.view()), targets);
+}
+
+template <class T, Space S, class V, class Op, class L, class R>
+void backward(const Binary<Op, L, R>& b, const Tape<Binary<Op, L, R>, S>& tape, TensorView<const V, S> g,
+              const GradTargets<T, S>& targets) {
+  Leaf<V, S> l(tape.lhs.value()), r(tape.rhs.value()), y(tape.value()), gl(g);
+  if (needs_grad(b.lhs, targets)) {
+    Tensor<V, S> full = eval(expr::Map4<expr::BinaryVjpL<Op>, Leaf<V, S>, Leaf<V, S>, Leaf<V, S>, Leaf<V, S>>({}, l, r, y, gl),
+                             Tag::Workspace);
+    Tensor<V, S> part = reduce_to(TensorView<const V, S>(full.view()), b.lhs.dims());
+    backward(b.lhs, tape.lhs, TensorView<const V, S>(part.view()), targets);
+  }
+  if (needs_grad(b.rhs, targets)) {
+    Tensor<V, S> full = eval(expr::Map4<expr::BinaryVjpR<Op>, Leaf<V, S>, Leaf<V, S>, Leaf<V, S>, Leaf<V, S>>({}, l, r, y, gl),
+                             Tag::Workspace);
+    Tensor<V, S> part = reduce_to(TensorView<const V, S>(full.view()), b.rhs.dims());
+    backward(b.rhs, tape.rhs, TensorView<const V, S>(part.view()), targets);
+  }
+}
+
+template <class T, Space S, class V, class E>
+void backward(const Unsqueeze<E>& u, const Tape<Unsqueeze<E>, S>& tape, TensorView<const V, S> g,
+              const GradTargets<T, S>& targets) {
+  if (needs_grad(u.child, targets)) backward(u.child, tape.child, remove_axis(g, u.axis), targets);
+}
+
+template <class T, Space S, class V, class E>
+void backward(const Transpose<E>& t, const Tape<Transpose<E>, S>& tape, TensorView<const V, S> g,
+              const GradTargets<T, S>& targets) {
+  if (needs_grad(t.child, targets)) backward(t.child, tape.child, swap_last(g), targets);
+}
+
+template <class T, Space S, class V, class E>
+void backward(const BroadcastTo<E>& b, const Tape<BroadcastTo<E>, S>& tape, TensorView<const V, S> g,
+              const GradTargets<T, S>& targets) {
+  if (!needs_grad(b.child, targets)) return;
+  Tensor<V, S> part = reduce_to(g, b.child.dims());
+  backward(b.child, tape.child, TensorView<const V, S>(part.view()), targets);
+}
+
+template <class T, Space S, class V, class Op, class E>
+void backward(const Reduce<Op, E>& r, const Tape<Reduce<Op, E>, S>& tape, TensorView<const V, S> g,
+              const GradTargets<T, S>& targets) {
+  if (!needs_grad(r.child, targets)) return;
+  TensorView<const V, S> y = tape.value(), gk = g;
+  if (!r.keepdim) {
+    y = insert_axis(y, r.axis);
+    gk = insert_axis(gk, r.axis);
+  }
+  index_t n = r.child.dims()[r.axis];
+  Tensor<V, S> gx = eval(expr::Map3<expr::ReduceVjp<Op>, Leaf<V, S>, Leaf<V, S>, Leaf<V, S>>(
+                             {n}, Leaf<V, S>(tape.child.value()), Leaf<V, S>(y), Leaf<V, S>(gk)),
+                         Tag::Workspace);
+  backward(r.child, tape.child, TensorView<const V, S>(gx.view()), targets);
+}
+
+template <class T, Space S, class V, class Op, class E>
+void backward(const ReduceAll<Op, E>& r, const Tape<ReduceAll<Op, E>, S>& tape, TensorView<const V, S> g,
+              const GradTargets<T, S>& targets) {
+  if (!needs_grad(r.child, targets)) return;
+  index_t n = r.child.dims().numel();
+  Tensor<V, S> gx = eval(expr::Map3<expr::ReduceVjp<Op>, Leaf<V, S>, Leaf<V, S>, Leaf<V, S>>(
+                             {n}, Leaf<V, S>(tape.child.value()), Leaf<V, S>(tape.value()), Leaf<V, S>(g)),
+                         Tag::Workspace);
+  backward(r.child, tape.child, TensorView<const V, S>(gx.view()), targets);
+}
+
+template <class T, Space S, class V, class L, class R>
+void backward(const MatMul<L, R>& m, const Tape<MatMul<L, R>, S>& tape, TensorView<const V, S> g,
+              const GradTargets<T, S>& targets) {
+  if (needs_grad(m.lhs, targets)) {  // dL/dA = G Bᵀ
+    Tensor<V, S> ga = eval(ssmx::matmul(g, transpose(tape.rhs.value())), Tag::Workspace);
+    backward(m.lhs, tape.lhs, TensorView<const V, S>(ga.view()), targets);
+  }
+  if (needs_grad(m.rhs, targets)) {  // dL/dB = Aᵀ G
+    Tensor<V, S> gb = eval(ssmx::matmul(transpose(tape.lhs.value()), g), Tag::Workspace);
+    backward(m.rhs, tape.rhs, TensorView<const V, S>(gb.view()), targets);
+  }
+}
+
+template <class T, Space S, class V, class Kind, class E>
+void backward(const Softmax<Kind, E>& s, const Tape<Softmax<Kind, E>, S>& tape, TensorView<const V, S> g,
+              const GradTargets<T, S>& targets) {
+  if (!needs_grad(s.child, targets)) return;
+  const int last = g.rank() - 1;
+  Leaf<V, S> y(tape.value()), gl(g);
+  Tensor<V, S> gx;
+  if constexpr (Kind::log)  // dx = g - softmax(x) Σg
+    gx = eval(gl - ssmx::exp(y) * ssmx::sum(gl, last, true), Tag::Workspace);
+  else  // dx = y ⊙ (g - Σ g⊙y)
+    gx = eval(y * (gl - ssmx::sum(gl * y, last, true)), Tag::Workspace);
+  backward(s.child, tape.child, TensorView<const V, S>(gx.view()), targets);
+}
+
+}  // namespace autodiff
+
+template <class E, Space S = (E::space_id == expr::any_space ? Space::Host : Space(E::space_id))>
+using Tape = autodiff::Tape<E, S>;
+
+// Accumulates into each target's gradient the VJP of `e` (with the tape of a previous
+// forward evaluation) for the output cotangent `g`.
+template <class E, class T, Space S>
+void backward(const E& e, const Tape<E, S>& tape, TensorView<const typename E::value_type, S> g,
+              const GradTargets<T, S>& targets) {
+  SSMX_REQUIRE(g.dims() == e.dims(), ShapeError, "backward: cotangent of shape ", g.dims().str(),
+               " for an expression of shape ", e.dims().str());
+  autodiff::backward(e, tape, g, targets);
+}
+
+// Builds the tape and runs backward in one call.
+template <class E, class G, class T, Space S>
+void backward(const E& e, const G& g, std::initializer_list<GradTarget<T, S>> targets) {
+  Tape<E, S> tape(e);
+  GradTargets<T, S> tg(targets);
+  auto gv = expr::as_expr(g).view;
+  backward(e, tape, TensorView<const typename E::value_type, S>(gv), tg);
+}
+
+}  // namespace ssmx

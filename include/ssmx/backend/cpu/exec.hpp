@@ -1,0 +1,112 @@
+// ssmx — the host executor: one OpenMP loop per assignment, Eigen for matrix products,
+// deterministic full reductions (fixed blocks summed in a fixed order).
+// Private header: include <ssmx/ssmx.hpp>.
+#pragma once
+
+#include <Eigen/Core>
+#include <vector>
+
+#include "../../core/eigen.hpp"
+#include "../../expr/evaluator.hpp"
+
+namespace ssmx::backend {
+
+template <>
+struct Exec<Space::Host> {
+  // Elements per parallel block: large enough to amortise the coordinate decomposition.
+  static constexpr index_t block = 4096;
+
+  template <class T, class Ev>
+  static void run(TensorView<T, Space::Host> out, const Ev& ev, bool accumulate) {
+    const expr::Ext4 e = expr::pad_extents(out.dims());
+    index_t st[4] = {0, 0, 0, 0};
+    for (int k = 0; k < out.rank(); ++k) st[4 - out.rank() + k] = out.stride(k);
+    const index_t n = out.numel();
+    const index_t nblocks = (n + block - 1) / block;
+    T* data = out.data();
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) if (nblocks > 1)
+#endif
+    for (index_t blk = 0; blk < nblocks; ++blk) {
+      index_t begin = blk * block, end = begin + block < n ? begin + block : n;
+      expr::Index4 i;
+      index_t r = begin;
+      for (int k = 3; k >= 0; --k) {
+        i.i[k] = r % e[std::size_t(k)];
+        r /= e[std::size_t(k)];
+      }
+      for (index_t lin = begin; lin < end;) {
+        // innermost run: contiguous in the last coordinate
+        index_t run_len = e[3] - i.i[3];
+        if (run_len > end - lin) run_len = end - lin;
+        T* row = data + i.i[0] * st[0] + i.i[1] * st[1] + i.i[2] * st[2];
+        expr::Index4 j = i;
+        if (accumulate) {
+          for (index_t t = 0; t < run_len; ++t, ++j.i[3])
+            row[j.i[3] * st[3]] = T(compute_t<T>(row[j.i[3] * st[3]]) + compute_t<T>(ev.coeff(j)));
+        } else {
+          for (index_t t = 0; t < run_len; ++t, ++j.i[3]) row[j.i[3] * st[3]] = T(ev.coeff(j));
+        }
+        lin += run_len;
+        i.i[3] += run_len;
+        for (int k = 3; k > 0 && i.i[k] >= e[std::size_t(k)]; --k) {
+          i.i[k] = 0;
+          ++i.i[k - 1];
+        }
+      }
+    }
+  }
+
+  // c = a x b (+ beta c), all row-major rank-2 views; a and b may be transposed views
+  // of contiguous data (stride pattern (1, ld)).
+  template <class V>
+  static void gemm(TensorView<const V, Space::Host> a, TensorView<const V, Space::Host> b,
+                   TensorView<V, Space::Host> c, V beta) {
+    auto C = as_eigen(c);
+    auto run_product = [&](const auto& A, const auto& B) {
+      if (beta == V(0))
+        C.noalias() = A * B;
+      else
+        C = beta * C + A * B;
+    };
+    with_matrix(a, [&](const auto& A) { with_matrix(b, [&](const auto& B) { run_product(A, B); }); });
+  }
+
+  // out[0] = Op over all of x (contiguous). Fixed blocks, combined in order: deterministic.
+  template <class Op, class V>
+  static void reduce_all(TensorView<const V, Space::Host> x, TensorView<V, Space::Host> out) {
+    const index_t n = x.numel();
+    const index_t nblocks = (n + block - 1) / block;
+    std::vector<V> partial(std::size_t(nblocks > 0 ? nblocks : 1), Op::template init<V>());
+    const V* d = x.data();
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) if (nblocks > 1)
+#endif
+    for (index_t blk = 0; blk < nblocks; ++blk) {
+      V acc = Op::template init<V>();
+      index_t end = (blk + 1) * block < n ? (blk + 1) * block : n;
+      for (index_t k = blk * block; k < end; ++k) acc = Op::combine(acc, d[k]);
+      partial[std::size_t(blk)] = acc;
+    }
+    V acc = Op::template init<V>();
+    for (V p : partial) acc = Op::combine(acc, p);
+    out.data()[0] = Op::finish(acc, n);
+  }
+
+ private:
+  // Calls f with an Eigen expression for a row-major or transposed-contiguous rank-2 view.
+  template <class V, class F>
+  static void with_matrix(TensorView<const V, Space::Host> v, F&& f) {
+    if (v.stride(1) == 1 || v.extent(1) == 1) {
+      f(as_eigen(v));
+    } else {
+      using ColMap = Eigen::Map<const Eigen::Matrix<V, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor>, Eigen::Unaligned,
+                                Eigen::OuterStride<>>;
+      SSMX_REQUIRE(v.stride(0) == 1, ShapeError, "gemm: operand of shape ", v.dims().str(),
+                   " is neither row- nor column-contiguous");
+      f(ColMap(v.data(), v.extent(0), v.extent(1), Eigen::OuterStride<>(v.stride(1))));
+    }
+  }
+};
+
+}  // namespace ssmx::backend
