@@ -9,7 +9,7 @@
 
 #include "../../core/error.hpp"
 
-namespace ssmx::cuda {
+namespace ssmx::gpu {
 
 // Throws DeviceError naming the call, the CUDA error and the source location.
 inline void throw_on_error(cudaError_t status, const char* call, const char* file, int line) {
@@ -25,9 +25,9 @@ inline void log_on_error(cudaError_t status, const char* call, const char* file,
     std::fprintf(stderr, "ssmx: CUDA call %s failed at %s:%d: %s\n", call, file, line, cudaGetErrorString(status));
 }
 
-}  // namespace ssmx::cuda
+}  // namespace ssmx::gpu
 
-#define SSMX_CUDA_CHECK(call) ::ssmx::cuda::throw_on_error((call), #call, __FILE__, __LINE__)
-#define SSMX_CUDA_LOG(call) ::ssmx::cuda::log_on_error((call), #call, __FILE__, __LINE__)
+#define SSMX_CUDA_CHECK(call) ::ssmx::gpu::throw_on_error((call), #call, __FILE__, __LINE__)
+#define SSMX_CUDA_LOG(call) ::ssmx::gpu::log_on_error((call), #call, __FILE__, __LINE__)
 // After a kernel launch: catches launch-configuration errors without synchronising.
-#define SSMX_CUDA_CHECK_LAUNCH() ::ssmx::cuda::throw_on_error(cudaGetLastError(), "kernel launch", __FILE__, __LINE__)
+#define SSMX_CUDA_CHECK_LAUNCH() ::ssmx::gpu::throw_on_error(cudaGetLastError(), "kernel launch", __FILE__, __LINE__)

@@ -11,7 +11,7 @@
 #include "../../core/tensor.hpp"
 #include "check.cuh"
 
-namespace ssmx::cuda {
+namespace ssmx::gpu {
 
 // Throws DeviceError unless a usable CUDA device is present.
 inline int require_device() {
@@ -94,4 +94,4 @@ Tensor<T> to_host(const Tensor<T, Space::Cuda>& d) {
   return h;
 }
 
-}  // namespace ssmx::cuda
+}  // namespace ssmx::gpu
