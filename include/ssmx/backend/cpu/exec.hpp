@@ -4,7 +4,11 @@
 #pragma once
 
 #include <Eigen/Core>
+#include <algorithm>
 #include <vector>
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 #include "../../core/eigen.hpp"
 #include "../../expr/evaluator.hpp"
@@ -25,7 +29,7 @@ struct Exec<Space::Host> {
     const index_t nblocks = (n + block - 1) / block;
     T* data = out.data();
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(static) if (nblocks > 1)
+#pragma omp parallel for schedule(static) if (nblocks > 1 && !omp_in_parallel())
 #endif
     for (index_t blk = 0; blk < nblocks; ++blk) {
       index_t begin = blk * block, end = begin + block < n ? begin + block : n;
@@ -59,17 +63,39 @@ struct Exec<Space::Host> {
 
   // c = a x b (+ beta c), all row-major rank-2 views; a and b may be transposed views
   // of contiguous data (stride pattern (1, ld)).
+  //
+  // Determinism: Eigen's own parallel GEMM chooses its blocking by thread count, which
+  // changes the summation order. We split the rows into fixed blocks instead and run each
+  // block inside our parallel region, where Eigen computes serially with the same
+  // blocking whatever the number of threads: results are bit-identical for 1 or N threads.
+  static constexpr index_t gemm_row_block = 256;
+
   template <class V>
   static void gemm(TensorView<const V, Space::Host> a, TensorView<const V, Space::Host> b,
                    TensorView<V, Space::Host> c, V beta) {
-    auto C = as_eigen(c);
-    auto run_product = [&](const auto& A, const auto& B) {
-      if (beta == V(0))
-        C.noalias() = A * B;
-      else
-        C = beta * C + A * B;
+    const index_t m = a.extent(0);
+    const index_t nblocks = (m + gemm_row_block - 1) / gemm_row_block;
+    auto run_block = [&](index_t blk) {
+      const index_t r0 = blk * gemm_row_block, r1 = std::min(m, r0 + gemm_row_block);
+      auto C = as_eigen(c.slice(r0, r1));
+      with_matrix(a.slice(r0, r1), [&](const auto& A) {
+        with_matrix(b, [&](const auto& B) {
+          if (beta == V(0))
+            C.noalias() = A * B;
+          else
+            C = beta * C + A * B;
+        });
+      });
     };
-    with_matrix(a, [&](const auto& A) { with_matrix(b, [&](const auto& B) { run_product(A, B); }); });
+#if defined(_OPENMP)
+    if (!omp_in_parallel()) {
+      // At least two threads in the team, so that Eigen never parallelises inside a block.
+#pragma omp parallel for schedule(static) num_threads(std::max(2, omp_get_max_threads()))
+      for (index_t blk = 0; blk < nblocks; ++blk) run_block(blk);
+      return;
+    }
+#endif
+    for (index_t blk = 0; blk < nblocks; ++blk) run_block(blk);
   }
 
   // out[0] = Op over all of x (contiguous). Fixed blocks, combined in order: deterministic.
@@ -80,7 +106,7 @@ struct Exec<Space::Host> {
     std::vector<V> partial(std::size_t(nblocks > 0 ? nblocks : 1), Op::template init<V>());
     const V* d = x.data();
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(static) if (nblocks > 1)
+#pragma omp parallel for schedule(static) if (nblocks > 1 && !omp_in_parallel())
 #endif
     for (index_t blk = 0; blk < nblocks; ++blk) {
       V acc = Op::template init<V>();
