@@ -1,0 +1,158 @@
+// ssmx tests — shared helpers. Every tests/unit/*.cpp includes this first:
+//
+//     #include "support/test_support.hpp"
+//
+// The same sources build two binaries:
+//   ssmx_tests       g++, SSMX_TEST_CUDA=0, ssmx::test::space == Space::Host
+//   ssmx_tests_cuda  nvcc, SSMX_TEST_CUDA=1, ssmx::test::space == Space::Cuda; ALL files are
+//                    #included into ONE translation unit (tests/CMakeLists.txt), every case
+//                    in doctest suite "gpu".
+// Hence the rules for a test file:
+//   - File-local helpers live in a namespace named after the file (test_core.cpp ->
+//     `namespace test_core { ... }`), never at global or anonymous-namespace scope: in the
+//     unity TU they would collide with another file's helpers.
+//   - Test case names are unique across all files and start with the area ("core: ...",
+//     "scan: ..."). ctest gets one test per case, "cpu: <name>", so avoid ; [ ] * ? \ and
+//     commas in names (doctest filters treat , * ? specially).
+//   - Host-only tests (Eigen interop, host element access, ...) are guarded with
+//     `#if !SSMX_TEST_CUDA`. Tests that hold on both backends use `space`, to_space() and
+//     to_host(), and compare on the host.
+//   - No file defines DOCTEST_CONFIG_IMPLEMENT*; the mains are support/main.cpp and
+//     support/main_cuda.cu. Tests never assert on time.
+#pragma once
+
+#ifndef SSMX_TEST_CUDA
+#define SSMX_TEST_CUDA 0
+#endif
+
+#include <doctest/doctest.h>
+
+#if SSMX_TEST_CUDA
+#include <ssmx/cuda.cuh>
+#else
+#include <ssmx/ssmx.hpp>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <random>
+#include <type_traits>
+#include <vector>
+
+namespace ssmx::test {
+
+// The memory space the tests of this binary run in.
+inline constexpr Space space = SSMX_TEST_CUDA ? Space::Cuda : Space::Host;
+
+template <class T>
+using SpaceTensor = Tensor<T, space>;
+
+// A copy of a host tensor in the test space (a clone on the CPU build).
+template <class T>
+Tensor<T, space> to_space(const Tensor<T>& h) {
+#if SSMX_TEST_CUDA
+  return gpu::to_device(h);
+#else
+  return h.clone();
+#endif
+}
+
+// A host copy of a tensor in any space.
+template <class T, Space S>
+Tensor<T> to_host(const Tensor<T, S>& t) {
+  if constexpr (S == Space::Host) {
+    return t.clone();
+  } else {
+#if SSMX_TEST_CUDA
+    return gpu::to_host(t);
+#else
+    static_assert(S == Space::Host, "to_host of a device tensor needs the CUDA test build (SSMX_TEST_CUDA=1)");
+    return {};
+#endif
+  }
+}
+
+// max_i |a_i - b_i| / max(|a_i|, |b_i|, floor). Elements below `floor` in magnitude are
+// compared absolutely, so exact zeros do not blow up the ratio. Different sizes, or a NaN
+// on one side only, give +inf; NaN against NaN and equal infinities count as equal.
+template <class A, class B>
+double max_rel_err(const std::vector<A>& a, const std::vector<B>& b, double floor = 1e-12) {
+  if (a.size() != b.size()) return std::numeric_limits<double>::infinity();
+  double worst = 0.0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    const double x = static_cast<double>(static_cast<compute_t<A>>(a[i]));
+    const double y = static_cast<double>(static_cast<compute_t<B>>(b[i]));
+    if (std::isnan(x) || std::isnan(y)) {
+      if (std::isnan(x) != std::isnan(y)) return std::numeric_limits<double>::infinity();
+      continue;
+    }
+    if (x == y) continue;  // also equal infinities
+    if (std::isinf(x) || std::isinf(y)) return std::numeric_limits<double>::infinity();
+    const double scale = std::max({std::fabs(x), std::fabs(y), floor});
+    worst = std::max(worst, std::fabs(x - y) / scale);
+  }
+  return worst;
+}
+
+// The same for two tensors in any space (compared on the host; shapes must match).
+template <class T, Space S1, class U, Space S2>
+double max_rel_err(const Tensor<T, S1>& a, const Tensor<U, S2>& b, double floor = 1e-12) {
+  if (a.dims() != b.dims()) return std::numeric_limits<double>::infinity();
+  return max_rel_err(to_vector(to_host(a)), to_vector(to_host(b)), floor);
+}
+
+// A seeded generator: the same seed gives the same numbers on every run (same standard library).
+class Rng {
+ public:
+  explicit Rng(std::uint64_t seed = 0x55a5c0ffeeull) : gen_(seed) {}
+  double uniform(double lo = -1.0, double hi = 1.0) { return std::uniform_real_distribution<double>(lo, hi)(gen_); }
+  double normal(double mean = 0.0, double stddev = 1.0) { return std::normal_distribution<double>(mean, stddev)(gen_); }
+  std::int64_t integer(std::int64_t lo, std::int64_t hi) {  // in [lo, hi]
+    return std::uniform_int_distribution<std::int64_t>(lo, hi)(gen_);
+  }
+  std::mt19937_64& engine() { return gen_; }
+
+ private:
+  std::mt19937_64 gen_;
+};
+
+namespace impl {
+template <class T, class Draw>
+void fill_with(TensorView<T> v, Draw&& draw) {
+  Tensor<T> tmp(v.dims(), Tag::Workspace);
+  for (index_t i = 0; i < tmp.numel(); ++i) tmp[i] = static_cast<T>(static_cast<compute_t<T>>(draw()));
+  copy<T>(v, tmp.view());
+}
+}  // namespace impl
+
+// Fills a host view (any strides) with U(lo, hi) values, in row-major order.
+template <class T>
+void fill_uniform(TensorView<T> v, Rng& rng, double lo = -1.0, double hi = 1.0) {
+  impl::fill_with(v, [&] { return rng.uniform(lo, hi); });
+}
+// Fills a host view (any strides) with N(mean, stddev^2) values, in row-major order.
+template <class T>
+void fill_normal(TensorView<T> v, Rng& rng, double mean = 0.0, double stddev = 1.0) {
+  impl::fill_with(v, [&] { return rng.normal(mean, stddev); });
+}
+
+// A new host tensor of U(lo, hi) values drawn from a generator seeded with `seed`.
+template <class T>
+Tensor<T> uniform(const Dims& d, std::uint64_t seed, double lo = -1.0, double hi = 1.0) {
+  Tensor<T> t(d);
+  Rng rng(seed);
+  fill_uniform<T>(t.view(), rng, lo, hi);
+  return t;
+}
+// A new host tensor of N(mean, stddev^2) values drawn from a generator seeded with `seed`.
+template <class T>
+Tensor<T> normal(const Dims& d, std::uint64_t seed, double mean = 0.0, double stddev = 1.0) {
+  Tensor<T> t(d);
+  Rng rng(seed);
+  fill_normal<T>(t.view(), rng, mean, stddev);
+  return t;
+}
+
+}  // namespace ssmx::test
