@@ -210,8 +210,8 @@ template <class E, Space S>
 struct Tape<BroadcastTo<E>, S> : NodeTape<BroadcastTo<E>, S> {
   Tape<E, S> child;
   explicit Tape(const BroadcastTo<E>& b) : child(b.child) {
-    using V = typename E::value_type;
-    this->value_ = eval(BroadcastTo<Leaf<V, S>>(Leaf<V, S>(child.value()), b.shape), Tag::Workspace);
+    using ChildV = typename E::value_type;
+    this->value_ = eval(BroadcastTo<Leaf<ChildV, S>>(Leaf<ChildV, S>(child.value()), b.shape), Tag::Workspace);
   }
 };
 
@@ -219,8 +219,8 @@ template <class Op, class E, Space S>
 struct Tape<Reduce<Op, E>, S> : NodeTape<Reduce<Op, E>, S> {
   Tape<E, S> child;
   explicit Tape(const Reduce<Op, E>& r) : child(r.child) {
-    using V = typename E::value_type;
-    this->value_ = eval(Reduce<Op, Leaf<V, S>>(Leaf<V, S>(child.value()), r.axis, r.keepdim), Tag::Workspace);
+    using ChildV = typename E::value_type;
+    this->value_ = eval(Reduce<Op, Leaf<ChildV, S>>(Leaf<ChildV, S>(child.value()), r.axis, r.keepdim), Tag::Workspace);
   }
 };
 
@@ -228,8 +228,8 @@ template <class Op, class E, Space S>
 struct Tape<ReduceAll<Op, E>, S> : NodeTape<ReduceAll<Op, E>, S> {
   Tape<E, S> child;
   explicit Tape(const ReduceAll<Op, E>& r) : child(r.child) {
-    using V = typename E::value_type;
-    this->value_ = eval(ReduceAll<Op, Leaf<V, S>>(Leaf<V, S>(child.value())), Tag::Workspace);
+    using ChildV = typename E::value_type;
+    this->value_ = eval(ReduceAll<Op, Leaf<ChildV, S>>(Leaf<ChildV, S>(child.value())), Tag::Workspace);
   }
 };
 
@@ -248,8 +248,8 @@ template <class Kind, class E, Space S>
 struct Tape<Softmax<Kind, E>, S> : NodeTape<Softmax<Kind, E>, S> {
   Tape<E, S> child;
   explicit Tape(const Softmax<Kind, E>& s) : child(s.child) {
-    using V = typename E::value_type;
-    this->value_ = eval(Softmax<Kind, Leaf<V, S>>(Leaf<V, S>(child.value())), Tag::Workspace);
+    using ChildV = typename E::value_type;
+    this->value_ = eval(Softmax<Kind, Leaf<ChildV, S>>(Leaf<ChildV, S>(child.value())), Tag::Workspace);
   }
 };
 
@@ -359,14 +359,22 @@ void backward(const Binary<Op, L, R>& b, const Tape<Binary<Op, L, R>, S>& tape, 
   if (needs_grad(b.lhs, targets)) {
     Tensor<V, S> full = eval(expr::Map4<expr::BinaryVjpL<Op>, Leaf<V, S>, Leaf<V, S>, Leaf<V, S>, Leaf<V, S>>({}, l, r, y, gl),
                              Tag::Workspace);
-    Tensor<V, S> part = reduce_to(TensorView<const V, S>(full.view()), b.lhs.dims());
-    backward(b.lhs, tape.lhs, TensorView<const V, S>(part.view()), targets);
+    if (full.dims() == b.lhs.dims()) {  // not broadcast: the cotangent as it is
+      backward(b.lhs, tape.lhs, TensorView<const V, S>(full.view()), targets);
+    } else {
+      Tensor<V, S> part = reduce_to(TensorView<const V, S>(full.view()), b.lhs.dims());
+      backward(b.lhs, tape.lhs, TensorView<const V, S>(part.view()), targets);
+    }
   }
   if (needs_grad(b.rhs, targets)) {
     Tensor<V, S> full = eval(expr::Map4<expr::BinaryVjpR<Op>, Leaf<V, S>, Leaf<V, S>, Leaf<V, S>, Leaf<V, S>>({}, l, r, y, gl),
                              Tag::Workspace);
-    Tensor<V, S> part = reduce_to(TensorView<const V, S>(full.view()), b.rhs.dims());
-    backward(b.rhs, tape.rhs, TensorView<const V, S>(part.view()), targets);
+    if (full.dims() == b.rhs.dims()) {  // not broadcast: the cotangent as it is
+      backward(b.rhs, tape.rhs, TensorView<const V, S>(full.view()), targets);
+    } else {
+      Tensor<V, S> part = reduce_to(TensorView<const V, S>(full.view()), b.rhs.dims());
+      backward(b.rhs, tape.rhs, TensorView<const V, S>(part.view()), targets);
+    }
   }
 }
 

@@ -49,6 +49,12 @@ struct Evaluator<Map3<F, A, B, C>, S> {
   Evaluator(const Map3<F, A, B, C>& m, EvalContext<S>& ctx, const Ext4& v)
       : f(m.f), a(m.a, ctx, v), b(m.b, ctx, v), c(m.c, ctx, v) {}
   SSMX_HOST_DEVICE auto coeff(const Index4& i) const { return f(a.coeff(i), b.coeff(i), c.coeff(i)); }
+  static constexpr bool linear_capable =
+      has_linear<Evaluator<A, S>>::value && has_linear<Evaluator<B, S>>::value && has_linear<Evaluator<C, S>>::value;
+  bool linear_ok(const Ext4& v) const {
+    return expr::linear_ok(a, v) && expr::linear_ok(b, v) && expr::linear_ok(c, v);
+  }
+  SSMX_HOST_DEVICE auto coeff_linear(index_t i) const { return f(a.coeff_linear(i), b.coeff_linear(i), c.coeff_linear(i)); }
 };
 
 template <class F, class A, class B, class C, class D, Space S>
@@ -61,6 +67,14 @@ struct Evaluator<Map4<F, A, B, C, D>, S> {
   Evaluator(const Map4<F, A, B, C, D>& m, EvalContext<S>& ctx, const Ext4& v)
       : f(m.f), a(m.a, ctx, v), b(m.b, ctx, v), c(m.c, ctx, v), d(m.d, ctx, v) {}
   SSMX_HOST_DEVICE auto coeff(const Index4& i) const { return f(a.coeff(i), b.coeff(i), c.coeff(i), d.coeff(i)); }
+  static constexpr bool linear_capable = has_linear<Evaluator<A, S>>::value && has_linear<Evaluator<B, S>>::value &&
+                                         has_linear<Evaluator<C, S>>::value && has_linear<Evaluator<D, S>>::value;
+  bool linear_ok(const Ext4& v) const {
+    return expr::linear_ok(a, v) && expr::linear_ok(b, v) && expr::linear_ok(c, v) && expr::linear_ok(d, v);
+  }
+  SSMX_HOST_DEVICE auto coeff_linear(index_t i) const {
+    return f(a.coeff_linear(i), b.coeff_linear(i), c.coeff_linear(i), d.coeff_linear(i));
+  }
 };
 
 // Adapters from the functors' vjp members to plain callables.

@@ -64,9 +64,10 @@ class TensorView {
   template <class... I>
   T& operator()(I... idx) const {
     static_assert(S == Space::Host, "element access is for host tensors; copy a device tensor to the host first");
-    const index_t ii[] = {index_t(idx)..., 0};
     index_t off = 0;
-    for (std::size_t k = 0; k < sizeof...(I); ++k) off += ii[k] * strides_[k];
+    std::size_t k = 0;
+    ((off += index_t(idx) * strides_[k++]), ...);
+    (void)k;
     return data_[off];
   }
   T& operator[](index_t linear) const { return data_[linear]; }  // contiguous views

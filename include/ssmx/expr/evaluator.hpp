@@ -94,6 +94,17 @@ struct ViewReader {
   SSMX_HOST_DEVICE V coeff(const Index4& i) const {
     return V(data[i.i[0] * st[0] + i.i[1] * st[1] + i.i[2] * st[2] + i.i[3] * st[3]]);
   }
+  // Contiguous and not broadcast: element i of the output is element i here.
+  static constexpr bool linear_capable = true;
+  bool linear_ok(const Ext4& view) const {
+    index_t acc = 1;
+    for (int k = 3; k >= 0; --k) {
+      if (view[std::size_t(k)] != 1 && st[k] != acc) return false;
+      acc *= view[std::size_t(k)];
+    }
+    return true;
+  }
+  SSMX_HOST_DEVICE V coeff_linear(index_t i) const { return V(data[i]); }
 };
 
 template <class Stored, Space S>
@@ -107,13 +118,33 @@ struct Evaluator<Constant<T>, S> {
   T value;
   Evaluator(const Constant<T>& c, EvalContext<S>&, const Ext4&) : value(c.value) {}
   SSMX_HOST_DEVICE T coeff(const Index4&) const { return value; }
+  static constexpr bool linear_capable = true;
+  bool linear_ok(const Ext4&) const { return true; }
+  SSMX_HOST_DEVICE T coeff_linear(index_t) const { return value; }
 };
+
+// Evaluators that may take the linear path have linear_ok(view) and coeff_linear(i);
+// the others are read through coordinates only.
+template <class Ev, class = void>
+struct has_linear : std::false_type {};
+template <class Ev>
+struct has_linear<Ev, std::enable_if_t<Ev::linear_capable>> : std::true_type {};
+template <class Ev>
+bool linear_ok(const Ev& ev, const Ext4& view) {
+  if constexpr (has_linear<Ev>::value)
+    return ev.linear_ok(view);
+  else
+    return false;
+}
 
 template <class Op, class E, Space S>
 struct Evaluator<Unary<Op, E>, S> {
   Evaluator<E, S> child;
   Evaluator(const Unary<Op, E>& u, EvalContext<S>& ctx, const Ext4& view) : child(u.child, ctx, view) {}
   SSMX_HOST_DEVICE auto coeff(const Index4& i) const { return Op{}(child.coeff(i)); }
+  static constexpr bool linear_capable = has_linear<Evaluator<E, S>>::value;
+  bool linear_ok(const Ext4& v) const { return expr::linear_ok(child, v); }
+  SSMX_HOST_DEVICE auto coeff_linear(index_t i) const { return Op{}(child.coeff_linear(i)); }
 };
 
 template <class Op, class L, class R, Space S>
@@ -123,35 +154,76 @@ struct Evaluator<Binary<Op, L, R>, S> {
   Evaluator(const Binary<Op, L, R>& b, EvalContext<S>& ctx, const Ext4& view)
       : lhs(b.lhs, ctx, view), rhs(b.rhs, ctx, view) {}
   SSMX_HOST_DEVICE auto coeff(const Index4& i) const { return Op{}(lhs.coeff(i), rhs.coeff(i)); }
+  static constexpr bool linear_capable = has_linear<Evaluator<L, S>>::value && has_linear<Evaluator<R, S>>::value;
+  bool linear_ok(const Ext4& v) const { return expr::linear_ok(lhs, v) && expr::linear_ok(rhs, v); }
+  SSMX_HOST_DEVICE auto coeff_linear(index_t i) const { return Op{}(lhs.coeff_linear(i), rhs.coeff_linear(i)); }
 };
 
+template <Space S, class E>
+TensorView<const typename E::value_type, S> materialize(const E& e, EvalContext<S>& ctx);
+
+// A broadcast repeats its operand: a computed operand is materialised once first, so
+// that an expensive sub-expression (exp, softplus, ...) is not recomputed per copy.
 template <class E, Space S>
-struct Evaluator<BroadcastTo<E>, S> {
-  Evaluator<E, S> child;
-  Evaluator(const BroadcastTo<E>& b, EvalContext<S>& ctx, const Ext4& view) : child(b.child, ctx, view) {}
-  SSMX_HOST_DEVICE auto coeff(const Index4& i) const { return child.coeff(i); }
+struct Evaluator<BroadcastTo<E>, S> : ViewReader<typename E::value_type, typename E::value_type> {
+  using V = typename E::value_type;
+  Evaluator(const BroadcastTo<E>& b, EvalContext<S>& ctx, const Ext4& view)
+      : ViewReader<V, V>(materialize(b.child, ctx), view) {}
 };
 
-template <class E, Space S>
-struct Evaluator<Unsqueeze<E>, S> {
-  Evaluator<E, S> child;
-  int pos;  // padded position of the inserted axis
-  static Ext4 child_view(const Unsqueeze<E>& u, const Ext4& view, int pos) {
-    SSMX_REQUIRE(view[0] == 1 || pos == 0, ShapeError, "unsqueeze: cannot evaluate a rank-4 broadcast of shape ",
-                 u.dims().str());
-    Ext4 c{1, 1, 1, 1};
-    for (int k = 0; k < pos; ++k) c[std::size_t(k + 1)] = view[std::size_t(k)];
-    for (int k = pos + 1; k < 4; ++k) c[std::size_t(k)] = view[std::size_t(k)];
-    return c;
+// Coordinate remapping without branches: child coordinate k takes parent coordinate
+// src[k] (4 reads the constant 0).
+struct CoordMap {
+  int src[4];
+  SSMX_HOST_DEVICE Index4 apply(const Index4& i) const {
+    const index_t ext[5] = {i.i[0], i.i[1], i.i[2], i.i[3], 0};
+    return Index4{{ext[src[0]], ext[src[1]], ext[src[2]], ext[src[3]]}};
   }
+};
+
+// The view of an unsqueezed leaf, read in place (no coordinate remapping at all).
+template <class T, Space S>
+TensorView<const T, S> unsqueezed_view(const TensorView<const T, S>& v, int axis) {
+  Dims d;
+  d.rank = v.rank() + 1;
+  std::array<index_t, max_rank> st{0, 0, 0, 0};
+  for (int i = 0, k = 0; i < d.rank; ++i) {
+    if (i == axis) {
+      d[i] = 1;
+    } else {
+      d[i] = v.extent(k);
+      st[std::size_t(i)] = v.stride(k);
+      ++k;
+    }
+  }
+  return TensorView<const T, S>(v.data(), d, st);
+}
+
+template <class Stored, Space S>
+struct Evaluator<Unsqueeze<Leaf<Stored, S>>, S> : ViewReader<Stored, typename Leaf<Stored, S>::value_type> {
+  Evaluator(const Unsqueeze<Leaf<Stored, S>>& u, EvalContext<S>&, const Ext4& view)
+      : ViewReader<Stored, typename Leaf<Stored, S>::value_type>(unsqueezed_view(u.child.view, u.axis), view) {}
+};
+
+// Unsqueeze exists to broadcast: a computed child is materialised once (see BroadcastTo).
+template <class E, Space S>
+struct Evaluator<Unsqueeze<E>, S> : ViewReader<typename E::value_type, typename E::value_type> {
+  using V = typename E::value_type;
   Evaluator(const Unsqueeze<E>& u, EvalContext<S>& ctx, const Ext4& view)
-      : child(u.child, ctx, child_view(u, view, 4 - u.dims().rank + u.axis)), pos(4 - u.dims().rank + u.axis) {}
-  SSMX_HOST_DEVICE auto coeff(const Index4& i) const {
-    Index4 j{{0, 0, 0, 0}};
-    for (int k = 0; k < pos; ++k) j.i[k + 1] = i.i[k];
-    for (int k = pos + 1; k < 4; ++k) j.i[k] = i.i[k];
-    return child.coeff(j);
+      : ViewReader<V, V>(unsqueezed_view(materialize(u.child, ctx), u.axis), view) {}
+};
+
+template <class Stored, Space S>
+struct Evaluator<Transpose<Leaf<Stored, S>>, S> : ViewReader<Stored, typename Leaf<Stored, S>::value_type> {
+  static TensorView<const Stored, S> swapped(const TensorView<const Stored, S>& v) {
+    Dims d = v.dims();
+    auto st = v.strides();
+    std::swap(d[d.rank - 1], d[d.rank - 2]);
+    std::swap(st[std::size_t(d.rank - 1)], st[std::size_t(d.rank - 2)]);
+    return TensorView<const Stored, S>(v.data(), d, st);
   }
+  Evaluator(const Transpose<Leaf<Stored, S>>& t, EvalContext<S>&, const Ext4& view)
+      : ViewReader<Stored, typename Leaf<Stored, S>::value_type>(swapped(t.child.view), view) {}
 };
 
 template <class E, Space S>
@@ -165,13 +237,20 @@ struct Evaluator<Transpose<E>, S> {
   SSMX_HOST_DEVICE auto coeff(const Index4& i) const { return child.coeff(Index4{{i.i[0], i.i[1], i.i[3], i.i[2]}}); }
 };
 
+// The loop that computes a reduction, one output coefficient at a time. Used only to
+// materialise Reduce nodes (below).
+template <class Op, class E>
+struct ReduceLoop : Reduce<Op, E> {
+  explicit ReduceLoop(const Reduce<Op, E>& r) : Reduce<Op, E>(r) {}
+};
+
 template <class Op, class E, Space S>
-struct Evaluator<Reduce<Op, E>, S> {
+struct Evaluator<ReduceLoop<Op, E>, S> {
   using V = typename E::value_type;
   Evaluator<E, S> child;
-  int pos;       // padded position of the reduced axis in the child
-  bool insert;   // the axis was dropped from the output (keepdim = false)
-  index_t n;     // extent of the reduced axis
+  CoordMap map;    // parent coordinates -> child coordinates (the reduced one set per step)
+  int pos;         // padded position of the reduced axis in the child
+  index_t n;       // extent of the reduced axis
   static Ext4 child_view(const Reduce<Op, E>& r, const Ext4& view) {
     Dims cd = r.child.dims();
     int p = 4 - cd.rank + r.axis;
@@ -184,15 +263,20 @@ struct Evaluator<Reduce<Op, E>, S> {
     c[std::size_t(p)] = cd[r.axis];
     return c;
   }
-  Evaluator(const Reduce<Op, E>& r, EvalContext<S>& ctx, const Ext4& view)
+  static CoordMap make_map(const Reduce<Op, E>& r, int p) {
+    CoordMap m{{0, 1, 2, 3}};
+    if (!r.keepdim)
+      for (int k = 0; k < p; ++k) m.src[k] = k + 1;
+    m.src[p] = 4;
+    return m;
+  }
+  Evaluator(const ReduceLoop<Op, E>& r, EvalContext<S>& ctx, const Ext4& view)
       : child(r.child, ctx, child_view(r, view)),
+        map(make_map(r, 4 - r.child.dims().rank + r.axis)),
         pos(4 - r.child.dims().rank + r.axis),
-        insert(!r.keepdim),
         n(r.child.dims()[r.axis]) {}
   SSMX_HOST_DEVICE V coeff(const Index4& i) const {
-    Index4 j = i;
-    if (insert)
-      for (int k = 0; k < pos; ++k) j.i[k] = i.i[k + 1];
+    Index4 j = map.apply(i);
     V acc = Op::template init<V>();
     for (index_t k = 0; k < n; ++k) {
       j.i[pos] = k;
@@ -200,6 +284,52 @@ struct Evaluator<Reduce<Op, E>, S> {
     }
     return Op::finish(acc, n);
   }
+};
+
+// Reducing a stored tensor: walk the reduced axis with a pointer stride.
+template <class Op, class Stored, Space S>
+struct Evaluator<ReduceLoop<Op, Leaf<Stored, S>>, S> {
+  using V = compute_t<Stored>;
+  ViewReader<Stored, V> base;  // reads element 0 of the reduced axis
+  index_t step, n;
+  Evaluator(const ReduceLoop<Op, Leaf<Stored, S>>& r, EvalContext<S>&, const Ext4& view)
+      : base(reduced_view(r), view), step(r.child.view.stride(r.axis)), n(r.child.dims()[r.axis]) {}
+  // The child with the reduced axis dropped (keepdim: kept at extent 1).
+  static TensorView<const Stored, S> reduced_view(const ReduceLoop<Op, Leaf<Stored, S>>& r) {
+    const auto& v = r.child.view;
+    Dims d = v.dims();
+    auto st = v.strides();
+    if (r.keepdim) {
+      d[r.axis] = 1;
+      st[std::size_t(r.axis)] = 0;
+      return TensorView<const Stored, S>(v.data(), d, st);
+    }
+    Dims o;
+    o.rank = d.rank - 1;
+    std::array<index_t, max_rank> os{0, 0, 0, 0};
+    for (int i = 0, k = 0; i < d.rank; ++i)
+      if (i != r.axis) {
+        o[k] = d[i];
+        os[std::size_t(k++)] = st[std::size_t(i)];
+      }
+    return TensorView<const Stored, S>(v.data(), o, os);
+  }
+  SSMX_HOST_DEVICE V coeff(const Index4& i) const {
+    const Stored* p = base.data + i.i[0] * base.st[0] + i.i[1] * base.st[1] + i.i[2] * base.st[2] + i.i[3] * base.st[3];
+    V acc = Op::template init<V>();
+    for (index_t k = 0; k < n; ++k) acc = Op::combine(acc, V(p[k * step]));
+    return Op::finish(acc, n);
+  }
+};
+
+// A reduction is computed once into a temporary and then read like a leaf: inside a
+// larger expression it is usually broadcast (mean(x², -1, keepdim) in a norm), and a lazy
+// reduction would be recomputed for every element it is broadcast to.
+template <class Op, class E, Space S>
+struct Evaluator<Reduce<Op, E>, S> : ViewReader<typename E::value_type, typename E::value_type> {
+  using V = typename E::value_type;
+  static TensorView<const V, S> compute(const Reduce<Op, E>& r, EvalContext<S>& ctx);
+  Evaluator(const Reduce<Op, E>& r, EvalContext<S>& ctx, const Ext4& view) : ViewReader<V, V>(compute(r, ctx), view) {}
 };
 
 // ---- materialised nodes -----------------------------------------------------------------
@@ -273,6 +403,16 @@ struct Evaluator<ReduceAll<Op, E>, S> : ViewReader<typename E::value_type, typen
 
 }  // namespace expr
 
+namespace expr {
+template <class Op, class E, Space S>
+TensorView<const typename E::value_type, S> Evaluator<Reduce<Op, E>, S>::compute(const Reduce<Op, E>& r,
+                                                                                 EvalContext<S>& ctx) {
+  Tensor<V, S>& t = ctx.template temp<V>(r.dims());
+  ssmx::assign(t.view(), ReduceLoop<Op, E>(r));
+  return t.view();
+}
+}  // namespace expr
+
 // ---- evaluation entry points ----------------------------------------------------------------
 
 namespace expr {
@@ -280,10 +420,14 @@ template <class T, Space S, class E>
 void run_assign(TensorView<T, S> out, const E& e, bool accumulate) {
   static_assert(E::space_id == any_space || Space(E::space_id) == S,
                 "ssmx: the expression and the destination live in different memory spaces");
-  Dims ed = e.dims();
-  Dims b = broadcast_dims(ed, out.dims(), "assign");
-  SSMX_REQUIRE(b == out.dims(), ShapeError, "assign: an expression of shape ", ed.str(),
-               " cannot be written to a tensor of shape ", out.dims().str());
+  const Dims ed = e.dims(), od = out.dims();
+  bool fits = ed.rank <= od.rank;
+  for (int i = 0; fits && i < ed.rank; ++i) {
+    const index_t x = ed[i], y = od[od.rank - ed.rank + i];
+    fits = x == y || x == 1;
+  }
+  SSMX_REQUIRE(fits, ShapeError, "assign: an expression of shape ", ed.str(), " cannot be written to a tensor of shape ",
+               od.str());
   EvalContext<S> ctx;
   auto ev = make_evaluator(e, ctx, pad_extents(out.dims()));
   backend::Exec<S>::run(out, ev, accumulate);

@@ -28,6 +28,23 @@ struct Exec<Space::Host> {
     const index_t n = out.numel();
     const index_t nblocks = (n + block - 1) / block;
     T* data = out.data();
+    if (out.is_contiguous() && expr::linear_ok(ev, e)) {
+      if constexpr (expr::has_linear<Ev>::value) {
+        // Flat loop over contiguous, same-shaped operands: vectorises.
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) if (nblocks > 1 && !omp_in_parallel())
+#endif
+        for (index_t blk = 0; blk < nblocks; ++blk) {
+          const index_t begin = blk * block, end = begin + block < n ? begin + block : n;
+          if (accumulate) {
+            for (index_t i = begin; i < end; ++i) data[i] = T(compute_t<T>(data[i]) + compute_t<T>(ev.coeff_linear(i)));
+          } else {
+            for (index_t i = begin; i < end; ++i) data[i] = T(ev.coeff_linear(i));
+          }
+        }
+        return;
+      }
+    }
 #if defined(_OPENMP)
 #pragma omp parallel for schedule(static) if (nblocks > 1 && !omp_in_parallel())
 #endif
@@ -69,6 +86,7 @@ struct Exec<Space::Host> {
   // block inside our parallel region, where Eigen computes serially with the same
   // blocking whatever the number of threads: results are bit-identical for 1 or N threads.
   static constexpr index_t gemm_row_block = 256;
+  static constexpr double serial_gemm_work = 65536;  // m·n·k; Eigen's own threshold is 100000
 
   template <class V>
   static void gemm(TensorView<const V, Space::Host> a, TensorView<const V, Space::Host> b,
@@ -88,7 +106,10 @@ struct Exec<Space::Host> {
       });
     };
 #if defined(_OPENMP)
-    if (!omp_in_parallel()) {
+    // Small products run serially: a thread team costs more than the work. Below this size
+    // Eigen does not parallelise either, so the choice depends on the shapes alone.
+    const double work = double(m) * double(b.extent(1)) * double(a.extent(1));
+    if (!omp_in_parallel() && work >= serial_gemm_work) {
       // At least two threads in the team, so that Eigen never parallelises inside a block.
 #pragma omp parallel for schedule(static) num_threads(std::max(2, omp_get_max_threads()))
       for (index_t blk = 0; blk < nblocks; ++blk) run_block(blk);
