@@ -10,3 +10,8 @@
 #include "core/tensor.hpp"
 #include "expr/expr.hpp"
 #include "autodiff/autodiff.hpp"
+#include "scan/scan.hpp"
+#include "optim/optim.hpp"
+#include "nn/model.hpp"
+#include "nn/train.hpp"
+#include "data/recall.hpp"

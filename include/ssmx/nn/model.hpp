@@ -75,7 +75,8 @@ class Model {
       blocks_.push_back(std::make_unique<Block<Layer>>("layers." + std::to_string(k) + "."));
     if (!cfg.tie_embeddings) head_.emplace("lm_head.weight", Dims{d_model, cfg.vocab});
     std::mt19937_64 rng(cfg.seed);
-    std::normal_distribution<double> nd(0.0, 1.0);
+    // Embeddings ~ N(0, 1/P): the tied head then starts with logits of unit scale.
+    std::normal_distribution<double> nd(0.0, 1.0 / std::sqrt(double(d_model)));
     for (index_t i = 0; i < embedding_.weight.numel(); ++i) embedding_.weight.value[i] = T(nd(rng));
     if (head_) {
       std::normal_distribution<double> hd(0.0, 1.0 / std::sqrt(double(d_model)));

@@ -1,0 +1,37 @@
+// ssmx — one optimisation step, the minimal training loop used by the examples and the
+// benchmarks (the full trainer with data, checkpoints and logs builds on it).
+#pragma once
+
+#include "../optim/optim.hpp"
+#include "model.hpp"
+
+namespace ssmx::nn {
+
+struct StepOptions {
+  double clip_norm = 1.0;  // clip the global gradient norm to this (<= 0: no clipping)
+};
+
+struct TrainStepResult : StepResult {
+  double grad_norm = 0;  // of the mean-loss gradient, before clipping
+};
+
+// zero_grad, forward+backward with `strategy`, gradients of the mean loss over the batch's
+// target tokens, clipping, one optimiser update. If any part throws (bad input, a
+// non-finite loss or gradient) the parameters and the optimiser state are left as they were.
+template <class Model, class Optimizer, class Strategy = Adjoint>
+TrainStepResult train_step(Model& model, Optimizer& opt, const Batch& batch, const Strategy& strategy = {},
+                           const StepOptions& so = {}) {
+  using T = typename Model::T;
+  model.zero_grad();
+  TrainStepResult r;
+  static_cast<StepResult&>(r) = model.forward_backward(batch, strategy);
+  SSMX_REQUIRE(r.tokens > 0, ValueError, "train_step: the batch has no target tokens (all targets are -1)");
+  const auto params = model.parameters();
+  const T scale = T(1.0 / double(r.tokens));
+  for (auto* p : params) assign(p->grad.view(), leaf(p->grad) * scale);
+  r.grad_norm = so.clip_norm > 0 ? double(clip_grad_norm(params, T(so.clip_norm))) : double(global_grad_norm(params));
+  opt.step(params);
+  return r;
+}
+
+}  // namespace ssmx::nn
