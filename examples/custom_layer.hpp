@@ -1,0 +1,35 @@
+// A selective SSM variant written by a user of ssmx: only the per-token maps, as
+// expressions. The engine derives the chunked scan and the exact adjoint backward.
+// Here: sigmoid decay, unbiased injection, and a SiLU output gate.
+#pragma once
+
+#include <ssmx/ssmx.hpp>
+
+template <class T, ssmx::index_t P, ssmx::index_t N>
+struct GatedSSM {
+  using value_type = T;
+  static constexpr ssmx::index_t d_model = P;
+  ssmx::Parameter<T> W_a, b_a, W_b, W_c, W_g;
+
+  explicit GatedSSM(const std::string& prefix = "")
+      : W_a(prefix + "W_a", {P, N}), b_a(prefix + "b_a", {N}), W_b(prefix + "W_b", {P, N}),
+        W_c(prefix + "W_c", {P, N}), W_g(prefix + "W_g", {P, P}) {}
+  static ssmx::Dims state_dims() { return {P, N}; }
+  ssmx::ParameterList<T> parameters() { return {&W_a, &b_a, &W_b, &W_c, &W_g}; }
+  template <class Rng>
+  void init(Rng& rng) {
+    std::normal_distribution<double> nd(0.0, 1.0 / std::sqrt(double(P)));
+    for (auto* p : parameters())
+      for (ssmx::index_t i = 0; i < p->numel(); ++i) p->value[i] = T(nd(rng));
+    ssmx::fill<T>(b_a.value.view(), T(3));  // decay ≈ 0.95 at the start
+  }
+
+  template <class U>
+  auto decay(const U& u) const { return unsqueeze(sigmoid(matmul(u, W_a.value) + b_a.value), 1); }
+  template <class U>
+  auto inject(const U& u) const { return unsqueeze(ssmx::leaf(u), 2) * unsqueeze(matmul(u, W_b.value), 1); }
+  template <class H, class U>
+  auto readout(const H& h, const U& u) const {
+    return sum(ssmx::leaf(h) * unsqueeze(matmul(u, W_c.value), 1), 2) * silu(matmul(u, W_g.value));
+  }
+};
