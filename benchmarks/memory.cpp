@@ -1,0 +1,291 @@
+// Peak tracked host memory of one forward+backward step, per gradient strategy.
+//
+// Model (compile-time shapes, the library's design): Model<DiagonalSSM<float, 256, 16>, 8>,
+// vocab 256, tied head, batch 1. P = 256, N = 16, state S = P·N = 4096 floats per token
+// and layer. Tokens: x_t = (7t + 3) mod vocab, target_t = x_{t+1} (every position counts).
+//
+// Napkin math, bytes per token (float, K = 8 layers):
+//   Adjoint       K·P·4 (layer inputs) + P·4 (dL/dy) + K·S·4/chunk (boundary states)
+//                 = 8 KiB + 1 KiB + 0.5 KiB (chunk 256)  ~ 9.5 KiB, plus O(chunk·S) workspace
+//   Checkpointed  the same streams + one layer's whole stretch and tapes over all T tokens:
+//                 several S-sized values per token (a, h, dL/dh, δ, ...) ~ 100+ KiB
+//   Backprop      K such tapes ~ K times that
+//   TruncatedAdjoint  like Adjoint with window-long chunks and O(window·S) block sums
+// The peak is affine in T (a + b·T); the benchmark fits it from the runs made so far and
+// uses the fit to skip runs that would not fit in memory (or time) and to answer
+// --budget-gib: the largest T whose peak fits a budget, verified by a run when allowed.
+//
+// Output: one JSON object per line on stdout and in --out. Result lines have
+//   {"name":"memory","kind":"step","strategy","T","batch","P","N","K","vocab","chunk"|"window",
+//    "threads","peak_bytes","baseline_bytes","peak_by_tag":{...},"seconds","tokens_per_s","loss"}
+// peak_bytes is the tracker's peak over the step (memory_stats(Space::Host) after
+// reset_peak), model parameters and gradients included; baseline_bytes is what was live
+// before the step (parameters, gradients). Skipped runs: "kind":"skipped" with the reason and
+// the predicted peak and time. Budget answers: "kind":"budget".
+//
+// Run `bench_memory --help` for the flags.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <iostream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <ssmx/adjoint/strategy.hpp>
+#include <ssmx/core/memory.hpp>
+#include <ssmx/nn/model.hpp>
+
+#include "bench_util.hpp"
+
+namespace bench_memory {
+
+using namespace bench_util;
+using ssmx::index_t;
+constexpr index_t P = 256, N = 16, K = 8;
+using Layer = ssmx::nn::DiagonalSSM<float, P, N>;
+using Net = ssmx::nn::Model<Layer, K>;
+
+struct Options {
+  std::vector<index_t> T = {1024, 4096, 16384, 65536, 262144};
+  std::vector<std::string> strategies = {"backprop", "checkpointed", "adjoint", "truncated"};
+  index_t vocab = 256;
+  index_t chunk = 256;    // Adjoint chunk
+  index_t shard = 64;     // Adjoint / TruncatedAdjoint VJP shard
+  index_t window = 1024;  // TruncatedAdjoint T̄
+  std::uint64_t seed = 0;
+  double mem_limit_gib = 0;     // 0: 3/4 of physical memory
+  double max_run_seconds = 0;   // 0: no limit
+  double budget_gib = 0;        // 0: no budget question
+  index_t max_T = 1 << 20;      // largest T run to verify a budget answer
+  bool adjoint_1m = false;
+  std::string out;
+};
+
+const char* usage =
+    "bench_memory: peak tracked host memory of one forward+backward step per strategy.\n"
+    "Model<DiagonalSSM<float,256,16>,8>, vocab 256, batch 1.\n"
+    "  --T LIST              sequence lengths, e.g. 1K,4K,16K,64K,256K (K = 1024, M = 1048576)\n"
+    "  --strategies LIST     of backprop,checkpointed,adjoint,truncated (default: all four)\n"
+    "  --chunk N             Adjoint chunk length (default 256)\n"
+    "  --shard N             VJP shard length of Adjoint/TruncatedAdjoint (default 64)\n"
+    "  --window N            TruncatedAdjoint window T-bar (default 1024)\n"
+    "  --vocab N             vocabulary size (default 256)\n"
+    "  --seed N              parameter seed (default 0)\n"
+    "  --mem-limit-gib X     skip runs whose predicted peak exceeds X GiB (default 3/4 of RAM)\n"
+    "  --max-run-seconds S   skip runs predicted to take longer than S seconds (default: none)\n"
+    "  --budget-gib X        report, per strategy, the largest T whose peak fits X GiB (affine fit),\n"
+    "                        and verify it by a run when that T <= --max-T and the run is allowed\n"
+    "  --max-T N             cap for the verification run of --budget-gib (default 1M)\n"
+    "  --adjoint-1m          also run one Adjoint step at T = 1,048,576 (ignores --max-run-seconds)\n"
+    "  --out FILE            also write the JSON lines to FILE\n";
+
+Options parse(int argc, char** argv) {
+  Options o;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc) throw std::invalid_argument(a + " needs a value");
+      return argv[++i];
+    };
+    if (a == "--help" || a == "-h") {
+      std::cout << usage;
+      std::exit(0);
+    } else if (a == "--T") {
+      o.T = parse_counts(value());
+    } else if (a == "--strategies") {
+      o.strategies = split(value());
+    } else if (a == "--chunk") {
+      o.chunk = parse_count(value());
+    } else if (a == "--shard") {
+      o.shard = parse_count(value());
+    } else if (a == "--window") {
+      o.window = parse_count(value());
+    } else if (a == "--vocab") {
+      o.vocab = parse_count(value());
+    } else if (a == "--seed") {
+      o.seed = std::stoull(value());
+    } else if (a == "--mem-limit-gib") {
+      o.mem_limit_gib = std::stod(value());
+    } else if (a == "--max-run-seconds") {
+      o.max_run_seconds = std::stod(value());
+    } else if (a == "--budget-gib") {
+      o.budget_gib = std::stod(value());
+    } else if (a == "--max-T") {
+      o.max_T = parse_count(value());
+    } else if (a == "--adjoint-1m") {
+      o.adjoint_1m = true;
+    } else if (a == "--out") {
+      o.out = value();
+    } else {
+      throw std::invalid_argument("unknown flag " + a + " (see --help)");
+    }
+  }
+  for (const auto& s : o.strategies)
+    if (s != "backprop" && s != "checkpointed" && s != "adjoint" && s != "truncated")
+      throw std::invalid_argument("unknown strategy '" + s + "': expected backprop, checkpointed, adjoint or truncated");
+  std::sort(o.T.begin(), o.T.end());
+  o.T.erase(std::unique(o.T.begin(), o.T.end()), o.T.end());
+  return o;
+}
+
+struct Measured {
+  index_t T = 0;
+  ssmx::MemoryStats stats;
+  std::size_t baseline = 0;
+  double seconds = 0, loss = 0;
+};
+
+class Bench {
+ public:
+  explicit Bench(const Options& o) : opt_(o), sink_(o.out), net_(config(o)) {
+    mem_limit_ = o.mem_limit_gib > 0 ? o.mem_limit_gib * double(1ull << 30) : 0.75 * physical_memory_bytes();
+  }
+
+  void run() {
+    for (const auto& s : opt_.strategies) {
+      std::vector<Measured> done;
+      for (index_t T : opt_.T) step_if_allowed(s, T, done, opt_.max_run_seconds);
+      if (opt_.budget_gib > 0) budget(s, done);
+    }
+    if (opt_.adjoint_1m) {
+      std::vector<Measured> none;
+      step_if_allowed("adjoint", index_t(1) << 20, none, 0);
+    }
+  }
+
+ private:
+  static Net::Config config(const Options& o) {
+    Net::Config c;
+    c.vocab = o.vocab;
+    c.seed = o.seed;
+    return c;
+  }
+
+  std::string header(const std::string& kind, const std::string& s, index_t T) const {
+    std::string h = "{\"name\":\"memory\",\"kind\":\"" + kind + "\",\"strategy\":\"" + s + "\",\"T\":" +
+                    std::to_string(T) + ",\"batch\":1,\"P\":" + std::to_string(P) + ",\"N\":" + std::to_string(N) +
+                    ",\"K\":" + std::to_string(K) + ",\"vocab\":" + std::to_string(opt_.vocab);
+    if (s == "adjoint") h += ",\"chunk\":" + std::to_string(opt_.chunk) + ",\"shard\":" + std::to_string(opt_.shard);
+    if (s == "truncated") h += ",\"window\":" + std::to_string(opt_.window) + ",\"shard\":" + std::to_string(opt_.shard);
+    h += ",\"threads\":" + std::to_string(threads());
+    if (verifying_ && kind != "budget") h += ",\"budget_check\":true";  // the run that verifies a budget answer
+    return h;
+  }
+
+  // The runs to fit. Adjoint and TruncatedAdjoint cut the sequence into chunks of
+  // min(chunk, T) (window for Truncated): below one chunk the whole sequence is one stretch
+  // and the cost per token is higher. Fit the chunked regime when it has two points.
+  std::vector<Measured> fit_points(const std::string& s, const std::vector<Measured>& done) const {
+    const index_t start = s == "adjoint" ? opt_.chunk : s == "truncated" ? opt_.window : 0;
+    std::vector<Measured> chunked;
+    for (const auto& m : done)
+      if (m.T >= start) chunked.push_back(m);
+    return chunked.size() >= 2 ? chunked : done;
+  }
+
+  // Runs (strategy, T) unless the fit over `done` predicts it exceeds the memory limit or
+  // `max_seconds` (0: no time limit); appends the measurement to `done`.
+  bool step_if_allowed(const std::string& s, index_t T, std::vector<Measured>& done, double max_seconds) {
+    std::vector<double> x, peak, secs;
+    for (const auto& m : fit_points(s, done))
+      x.push_back(double(m.T)), peak.push_back(double(m.stats.peak)), secs.push_back(m.seconds);
+    const double pred_peak = x.empty() ? 0 : fit(x, peak)(double(T));
+    const double pred_secs = x.empty() ? 0 : fit(x, secs)(double(T));
+    std::string reason;
+    if (pred_peak > mem_limit_) reason = "memory";
+    else if (max_seconds > 0 && pred_secs > max_seconds) reason = "time";
+    if (!reason.empty()) {
+      sink_.line(header("skipped", s, T) + ",\"reason\":\"" + reason + "\",\"predicted_peak_bytes\":" +
+                 num(std::round(pred_peak)) + ",\"predicted_seconds\":" + num(pred_secs) + ",\"limit_bytes\":" +
+                 num(std::round(mem_limit_)) + ",\"limit_seconds\":" + num(max_seconds) + "}");
+      return false;
+    }
+    Measured m = step(s, T);
+    std::string l = header("step", s, T) + ",\"peak_bytes\":" + std::to_string(m.stats.peak) +
+                    ",\"baseline_bytes\":" + std::to_string(m.baseline) + ",\"peak_by_tag\":{";
+    for (int t = 0; t < ssmx::num_tags; ++t)
+      l += std::string(t ? "," : "") + "\"" + ssmx::tag_name(ssmx::Tag(t)) + "\":" +
+           std::to_string(m.stats.peak_by_tag[std::size_t(t)]);
+    l += "},\"seconds\":" + num(m.seconds) + ",\"tokens_per_s\":" + num(double(T) / m.seconds) +
+         ",\"loss\":" + num(m.loss);
+    if (!done.empty()) l += ",\"predicted_peak_bytes\":" + num(std::round(pred_peak));
+    sink_.line(l + "}");
+    done.push_back(m);
+    return true;
+  }
+
+  Measured step(const std::string& s, index_t T) {
+    if (s == "backprop") return step_with(T, ssmx::Backprop{});
+    if (s == "checkpointed") return step_with(T, ssmx::Checkpointed{});
+    if (s == "adjoint") return step_with(T, ssmx::Adjoint{opt_.chunk, opt_.shard});
+    return step_with(T, ssmx::TruncatedAdjoint{opt_.window, opt_.shard});
+  }
+
+  template <class Strategy>
+  Measured step_with(index_t T, const Strategy& strategy) {
+    const Tokens tok(T, opt_.vocab);
+    const ssmx::nn::Batch batch{tok.inputs.data(), tok.targets.data(), 1, T};
+    net_.zero_grad();
+    ssmx::reset_peak(ssmx::Space::Host);
+    Measured m;
+    m.T = T;
+    m.baseline = ssmx::memory_stats(ssmx::Space::Host).current;
+    const auto t0 = std::chrono::steady_clock::now();
+    const ssmx::nn::StepResult r = net_.forward_backward(batch, strategy);
+    m.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    m.stats = ssmx::memory_stats(ssmx::Space::Host);
+    m.loss = r.loss;
+    return m;
+  }
+
+  // The largest T whose predicted peak fits the budget, from the affine fit of the runs.
+  void budget(const std::string& s, std::vector<Measured>& done) {
+    const double bytes = opt_.budget_gib * double(1ull << 30);
+    if (done.size() < 2) {
+      sink_.line(header("budget", s, 0) + ",\"budget_bytes\":" + num(std::round(bytes)) +
+                 ",\"error\":\"needs peaks at two or more T (see --T)\"}");
+      return;
+    }
+    std::vector<double> x, peak;
+    for (const auto& m : fit_points(s, done)) x.push_back(double(m.T)), peak.push_back(double(m.stats.peak));
+    const Affine f = fit(x, peak);
+    const index_t t_max = f.b > 0 && bytes > f.a ? index_t(std::floor((bytes - f.a) / f.b)) : 0;
+    // "T" of a budget line is the answer: the predicted largest T.
+    std::string l = header("budget", s, t_max) + ",\"budget_bytes\":" + num(std::round(bytes));
+    l += ",\"intercept_bytes\":" + num(std::round(f.a)) + ",\"bytes_per_token\":" + num(f.b) +
+         ",\"predicted_max_T\":" + std::to_string(t_max);
+    bool verified = false;
+    verifying_ = true;
+    const bool ran = t_max > 0 && t_max <= opt_.max_T && step_if_allowed(s, t_max, done, opt_.max_run_seconds);
+    verifying_ = false;
+    if (ran) {
+      const auto& m = done.back();
+      l += ",\"verified_peak_bytes\":" + std::to_string(m.stats.peak) +
+           ",\"fits\":" + (double(m.stats.peak) <= bytes ? "true" : "false");
+      verified = true;
+    }
+    if (!verified) l += ",\"verified_peak_bytes\":null";
+    sink_.line(l + "}");
+  }
+
+  Options opt_;
+  Sink sink_;
+  Net net_;
+  double mem_limit_ = 0;
+  bool verifying_ = false;
+};
+
+}  // namespace bench_memory
+
+int main(int argc, char** argv) {
+  try {
+    bench_memory::Bench(bench_memory::parse(argc, argv)).run();
+  } catch (const std::exception& e) {
+    std::cerr << "bench_memory: " << e.what() << "\n";
+    return 1;
+  }
+  return 0;
+}
