@@ -136,17 +136,22 @@ TEST_CASE("model: DiagonalSSM block gradients match central differences") {
   CHECK(res_h.ok);
 }
 
-TEST_CASE("model: RMSNorm and linear maps pass gradcheck as expressions") {
+TEST_CASE("model: RMSNorm and Linear pass gradcheck as expressions") {
   test::Rng r(2);
-  Tensor<double> x(Dims{5, 7}), w(Dims{7}), W(Dims{7, 3}), b(Dims{3});
-  for (auto* t : {&x, &w, &W, &b})
+  Tensor<double> x(Dims{5, 7}), w(Dims{7});
+  for (auto* t : {&x, &w})
     for (index_t i = 0; i < t->numel(); ++i) (*t)[i] = r.normal();
   auto res = gradcheck([&] { return nn::rms_norm(x, w); }, {&x, &w});
   INFO(res.worst);
   CHECK(res.ok);
-  auto lin = gradcheck([&] { return matmul(x, W) + b; }, {&x, &W, &b});
+  nn::Linear<double> linear("proj.", 7, 3);
+  std::mt19937_64 rng(4);
+  linear.init(rng);
+  for (index_t i = 0; i < 3; ++i) linear.bias.value[i] = r.normal();
+  auto lin = gradcheck([&] { return tanh(linear(x)); }, {&x, &linear.weight.value, &linear.bias.value});
   INFO(lin.worst);
   CHECK(lin.ok);
+  CHECK(linear.parameters()[0]->name == "proj.weight");
 }
 
 TEST_CASE("model: whole-model gradients (K = 3, T = 64) match central differences") {

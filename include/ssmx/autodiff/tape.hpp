@@ -63,23 +63,8 @@ using expr::Unsqueeze;
 
 // ---- views used in the backward pass --------------------------------------------------
 
-template <class T, Space S>
-TensorView<T, S> insert_axis(TensorView<T, S> v, int axis) {
-  Dims d;
-  d.rank = v.rank() + 1;
-  std::array<index_t, max_rank> st{0, 0, 0, 0};
-  for (int i = 0, k = 0; i < d.rank; ++i) {
-    if (i == axis) {
-      d[i] = 1;
-      st[std::size_t(i)] = 0;
-    } else {
-      d[i] = v.extent(k);
-      st[std::size_t(i)] = v.stride(k);
-      ++k;
-    }
-  }
-  return TensorView<T, S>(v.data(), d, st);
-}
+using expr::unsqueezed_view;
+
 template <class T, Space S>
 TensorView<T, S> remove_axis(TensorView<T, S> v, int axis) {
   Dims d;
@@ -196,7 +181,7 @@ struct Tape<Unsqueeze<E>, S> {
   Tape<E, S> child;
   int axis;
   explicit Tape(const Unsqueeze<E>& u) : child(u.child), axis(u.axis) {}
-  auto value() const { return insert_axis(child.value(), axis); }
+  auto value() const { return unsqueezed_view(child.value(), axis); }
 };
 
 template <class E, Space S>
@@ -404,8 +389,8 @@ void backward(const Reduce<Op, E>& r, const Tape<Reduce<Op, E>, S>& tape, Tensor
   if (!needs_grad(r.child, targets)) return;
   TensorView<const V, S> y = tape.value(), gk = g;
   if (!r.keepdim) {
-    y = insert_axis(y, r.axis);
-    gk = insert_axis(gk, r.axis);
+    y = unsqueezed_view(y, r.axis);
+    gk = unsqueezed_view(gk, r.axis);
   }
   index_t n = r.child.dims()[r.axis];
   Tensor<V, S> gx = eval(expr::Map3<expr::ReduceVjp<Op>, Leaf<V, S>, Leaf<V, S>, Leaf<V, S>>(

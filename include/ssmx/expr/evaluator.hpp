@@ -181,9 +181,9 @@ struct CoordMap {
   }
 };
 
-// The view of an unsqueezed leaf, read in place (no coordinate remapping at all).
+// A view with a size-1 dimension inserted at `axis`: an unsqueeze read in place.
 template <class T, Space S>
-TensorView<const T, S> unsqueezed_view(const TensorView<const T, S>& v, int axis) {
+TensorView<T, S> unsqueezed_view(const TensorView<T, S>& v, int axis) {
   Dims d;
   d.rank = v.rank() + 1;
   std::array<index_t, max_rank> st{0, 0, 0, 0};
@@ -196,7 +196,7 @@ TensorView<const T, S> unsqueezed_view(const TensorView<const T, S>& v, int axis
       ++k;
     }
   }
-  return TensorView<const T, S>(v.data(), d, st);
+  return TensorView<T, S>(v.data(), d, st);
 }
 
 template <class Stored, Space S>

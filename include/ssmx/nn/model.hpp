@@ -24,6 +24,7 @@
 #include "../adjoint/strategy.hpp"
 #include "diagonal_ssm.hpp"
 #include "embedding.hpp"
+#include "linear.hpp"
 #include "scan_layer.hpp"
 
 namespace ssmx::nn {

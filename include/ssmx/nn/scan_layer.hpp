@@ -180,12 +180,16 @@ void truncated_delta(TensorView<const T> a, TensorView<const T> gh, TensorView<T
                      Tensor<T>* q_out) {
   const index_t n = a.extent(1), S = a.extent(2);
   reverse_linear_scan<T, Space::Host>(a, gh, delta);
+  // Constant sequences as broadcast views of one row (time stride 0): no block-sized buffers.
+  Tensor<T> consts(Dims{2, S}, Tag::Workspace);
+  std::fill(consts.data(), consts.data() + S, T(0));
+  std::fill(consts.data() + S, consts.data() + 2 * S, T(1));
+  const TensorView<const T> zero_seq(consts.data(), Dims{1, n, S}, {0, 0, 1, 0});
+  const TensorView<const T> one_seq(consts.data() + S, Dims{1, n, S}, {0, 0, 1, 0});
+  const TensorView<const T> ones(consts.data() + S, Dims{1, S});
   if (q_next && !q_next->empty() && n > 1) {
-    Tensor<T> zero = zeros<T>(Dims{1, n, S}, Tag::Workspace);
-    Tensor<T> ones(Dims{1, S}, Tag::Workspace);
-    fill<T>(ones.view(), T(1));
-    Tensor<T> phi(Dims{1, n, S}, Tag::Workspace);
-    reverse_linear_scan<T, Space::Host>(a, cview(zero), phi.view(), cview(ones));
+    Tensor<T> phi(Dims{1, n, S}, Tag::Workspace);  // φ^i = Π_{j=i+1..end} a^j
+    reverse_linear_scan<T, Space::Host>(a, zero_seq, phi.view(), ones);
     const index_t ln = q_next->extent(1);
     for (index_t i = 1; i < n; ++i) {
       const T* q = q_next->data() + std::min(i - 1, ln - 1) * S;
@@ -195,16 +199,10 @@ void truncated_delta(TensorView<const T> a, TensorView<const T> gh, TensorView<T
     }
   }
   if (q_out) {
-    Tensor<T> zero = zeros<T>(Dims{1, n, S}, Tag::Workspace);
-    Tensor<T> ones(Dims{1, S}, Tag::Workspace);
-    fill<T>(ones.view(), T(1));
-    Tensor<T> prod(Dims{1, n, S}, Tag::Workspace);
-    linear_scan<T, Space::Host>(a, cview(zero), prod.view(), cview(ones));  // Π_{j=s..t} a^j
-    Tensor<T> weighted = eval(leaf(prod) * leaf(gh), Tag::Workspace);
-    Tensor<T> unit(Dims{1, n, S}, Tag::Workspace);
-    fill<T>(unit.view(), T(1));
     *q_out = Tensor<T>(Dims{1, n, S}, Tag::Workspace);
-    linear_scan<T, Space::Host>(cview(unit), cview(weighted), q_out->view());  // running sum
+    linear_scan<T, Space::Host>(a, zero_seq, q_out->view(), ones);  // Π_{j=s..t} a^j
+    assign(q_out->view(), leaf(*q_out) * leaf(gh));
+    linear_scan<T, Space::Host>(one_seq, cview(*q_out), q_out->view());  // running sum, in place
   }
 }
 

@@ -1,0 +1,40 @@
+// ssmx — a linear map y = x W + b as an expression (x: [tokens, in], W: [in, out]).
+#pragma once
+
+#include <cmath>
+#include <random>
+#include <string>
+
+#include "../expr/expr.hpp"
+#include "parameter.hpp"
+
+namespace ssmx::nn {
+
+template <class T>
+struct Linear {
+  Parameter<T> weight;  // [in, out]
+  Parameter<T> bias;    // [out]
+
+  Linear(const std::string& prefix, index_t in, index_t out)
+      : weight(prefix + "weight", Dims{in, out}), bias(prefix + "bias", Dims{out}) {
+    fill<T>(weight.grad.view(), T(0));
+    fill<T>(bias.grad.view(), T(0));
+    fill<T>(bias.value.view(), T(0));
+  }
+  ParameterList<T> parameters() { return {&weight, &bias}; }
+
+  // W ~ N(0, 1/in), b = 0.
+  template <class Rng>
+  void init(Rng& rng) {
+    std::normal_distribution<double> nd(0.0, 1.0 / std::sqrt(double(weight.value.extent(0))));
+    for (index_t i = 0; i < weight.numel(); ++i) weight.value[i] = T(nd(rng));
+    fill<T>(bias.value.view(), T(0));
+  }
+
+  template <class X>
+  auto operator()(const X& x) const {
+    return matmul(x, weight.value) + bias.value;
+  }
+};
+
+}  // namespace ssmx::nn
