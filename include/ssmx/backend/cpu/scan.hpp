@@ -47,7 +47,7 @@ using scan::detail::SeqLayout;
 inline constexpr index_t narrow_channels = 4;  // below this, the time-blocked kernel
 inline constexpr int sub_blocks = 8;           // narrow kernel: independent runs per time block
 inline constexpr int sub_len = 8;              // narrow kernel: steps per run
-inline constexpr index_t max_channel_block = 512;
+inline constexpr index_t max_channel_block = 4096;
 
 inline int num_threads() {
 #if defined(_OPENMP)
