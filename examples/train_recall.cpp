@@ -2,7 +2,7 @@
 // embedded long-range task (key-value recall, ssmx/data/recall.hpp): every answer depends
 // on a binding made at the start of the sequence, up to the whole context earlier.
 //
-//   train_recall --context 8192 --steps 300
+//   train_recall                      (context 2048, 300 steps; --help for the flags)
 //
 // Prints one line per logged step and a final evaluation on fresh sequences against
 // chance. Model shapes are compile-time (P = 64, N = 16, K = 2, float).
@@ -20,9 +20,10 @@ using Layer = nn::DiagonalSSM<float, P, N>;
 using LM = nn::Model<Layer, K>;
 
 struct Options {
-  index_t context = 8192, batch = 1, steps = 300, chunk = 256, log_every = 10, eval_sequences = 16;
-  index_t pairs = 1, query_every = 256;
-  double lr = 3e-3, clip = 1.0, minutes = 9.0;
+  index_t context = 2048, batch = 2, steps = 300, chunk = 256, log_every = 20, eval_sequences = 16;
+  index_t pairs = 1, query_every = 32;
+  index_t curriculum_start = 256, curriculum_steps = 30;  // context doubles from start every N steps
+  double lr = 1e-2, clip = 1.0, minutes = 9.0;
   std::uint64_t seed = 1;
 };
 
@@ -43,6 +44,7 @@ nn::StepResult evaluate(LM& model, const data::RecallTask& task, const Options& 
 int main(int argc, char** argv) {
   Options o;
   data::RecallTask task;
+  task.query_every = o.query_every;
   CLI::App app{"Train a DiagonalSSM with the adjoint method on long-range key-value recall"};
   app.add_option("--context", o.context, "tokens per sequence")->check(CLI::PositiveNumber);
   app.add_option("--batch", o.batch, "sequences per step")->check(CLI::PositiveNumber);
@@ -54,6 +56,9 @@ int main(int argc, char** argv) {
   app.add_option("--pairs", task.pairs, "key-value bindings per sequence")->check(CLI::PositiveNumber);
   app.add_option("--query-every", task.query_every, "tokens between queries")->check(CLI::Range(2, 1 << 30));
   app.add_option("--eval-sequences", o.eval_sequences, "fresh sequences for the final evaluation");
+  app.add_option("--curriculum-start", o.curriculum_start,
+                 "first training context; doubles every --curriculum-steps up to --context (0: off)");
+  app.add_option("--curriculum-steps", o.curriculum_steps, "steps per curriculum stage")->check(CLI::PositiveNumber);
   app.add_option("--log-every", o.log_every, "steps between progress lines")->check(CLI::PositiveNumber);
   app.add_option("--seed", o.seed, "random seed");
   CLI11_PARSE(app, argc, argv);
@@ -73,27 +78,33 @@ int main(int argc, char** argv) {
                 long(task.pairs), long(task.query_every), task.chance());
     const auto start = std::chrono::steady_clock::now();
     double window_loss = 0;
-    index_t window_tokens = 0, window_correct = 0, step = 0;
+    index_t window_tokens = 0, window_correct = 0, step = 0, tokens_seen = 0;
     for (; step < o.steps; ++step) {
       const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       if (elapsed > o.minutes * 60) {
         std::printf("time limit of %.1f minutes reached after %ld steps\n", o.minutes, long(step));
         break;
       }
-      for (index_t b = 0; b < o.batch; ++b)
-        task.sample(rng, o.context, x.data() + b * o.context, y.data() + b * o.context);
+      // Curriculum: short contexts first, so that the long-memory channels are found early.
+      index_t len = o.context;
+      if (o.curriculum_start > 0) {
+        len = std::min(o.context, std::max<index_t>(4 * task.pairs + 2, o.curriculum_start));
+        for (index_t s = step / o.curriculum_steps; s > 0 && len < o.context; --s) len = std::min(o.context, 2 * len);
+      }
+      for (index_t b = 0; b < o.batch; ++b) task.sample(rng, len, x.data() + b * len, y.data() + b * len);
       opt.set_lr(schedule.lr(step));
       reset_peak(Space::Host);
-      auto r = nn::train_step(model, opt, nn::Batch{x.data(), y.data(), o.batch, o.context}, Adjoint{o.chunk, 64},
+      auto r = nn::train_step(model, opt, nn::Batch{x.data(), y.data(), o.batch, len}, Adjoint{o.chunk, 64},
                               nn::StepOptions{o.clip});
+      tokens_seen += o.batch * len;
       window_loss += r.loss;
       window_tokens += r.tokens;
       window_correct += r.correct;
       if ((step + 1) % o.log_every == 0 || step + 1 == o.steps) {
         const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-        std::printf("step %5ld  loss %.4f  acc %.3f  grad_norm %.3f  %.0f tokens/s  peak %.1f MiB  %.0fs\n",
-                    long(step + 1), window_loss / double(window_tokens), double(window_correct) / double(window_tokens),
-                    r.grad_norm, double((step + 1) * o.batch * o.context) / t,
+        std::printf("step %5ld  context %6ld  loss %.4f  acc %.3f  grad_norm %.3f  %.0f tokens/s  peak %.1f MiB  %.0fs\n",
+                    long(step + 1), long(len), window_loss / double(window_tokens),
+                    double(window_correct) / double(window_tokens), r.grad_norm, double(tokens_seen) / t,
                     double(memory_stats(Space::Host).peak) / (1 << 20), t);
         std::fflush(stdout);
         window_loss = 0;

@@ -65,14 +65,14 @@ class DiagonalSSM {
 
   ParameterList<T> parameters() { return {&W_a, &b_a, &W_b, &b_b, &W_c, &b_c, &D}; }
 
-  // Weights ~ N(0, 1/P); decay timescales spread log-uniformly over [1, 1000] tokens so
+  // Weights ~ N(0, 1/P); decay timescales spread log-uniformly over [1, 10^4] tokens so
   // that the layer can hold information across long contexts from the start.
   template <class Rng>
   void init(Rng& rng) {
     std::normal_distribution<double> nd(0.0, 1.0 / std::sqrt(double(P)));
     for (auto* w : {&W_a, &W_b, &W_c})
       for (index_t i = 0; i < w->numel(); ++i) w->value[i] = T(nd(rng) * (w == &W_a ? 0.1 : 1.0));
-    std::uniform_real_distribution<double> ud(std::log(1e-3), std::log(1.0));
+    std::uniform_real_distribution<double> ud(std::log(1e-4), std::log(1.0));
     for (index_t n = 0; n < N; ++n) {
       double rate = std::exp(ud(rng));                  // -log(a) = softplus(b_a)
       b_a.value[n] = T(std::log(std::expm1(rate)));     // softplus⁻¹(rate)
