@@ -1,18 +1,20 @@
-// Helpers shared by the JSON-lines benchmarks (bench_memory, bench_throughput): flag
-// parsing, the token generator shared with benchmarks/reference/, JSON lines, affine fits.
-// Not part of the library.
+// Helpers shared by the JSON-lines benchmarks (bench_memory, bench_throughput): the flags
+// both take (CLI11), the token generator shared with benchmarks/reference/, JSON lines,
+// affine fits. Not part of the library.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
-#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include <unistd.h>
+
+#include <CLI/CLI.hpp>
 
 #include <ssmx/config.hpp>
 #include <ssmx/nn/embedding.hpp>
@@ -39,19 +41,75 @@ inline index_t parse_count(const std::string& s) {
   return index_t(v) * mult;
 }
 
-inline std::vector<std::string> split(const std::string& s) {
-  std::vector<std::string> out;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ','))
-    if (!item.empty()) out.push_back(item);
-  return out;
+// ---- flags --------------------------------------------------------------------------
+
+// The flags both benchmarks take; each benchmark's Options derives from this.
+struct CommonOptions {
+  std::vector<index_t> T = {1024, 4096, 16384, 65536, 262144};
+  std::vector<std::string> strategies = {"backprop", "checkpointed", "adjoint", "truncated"};
+  index_t vocab = 256;
+  index_t chunk = 256;    // Adjoint chunk
+  index_t shard = 64;     // Adjoint / TruncatedAdjoint VJP shard
+  index_t window = 1024;  // TruncatedAdjoint T̄
+  std::uint64_t seed = 0;
+  double mem_limit_gib = 0;    // 0: 3/4 of physical memory
+  double max_run_seconds = 0;  // 0: no limit
+  std::string out;
+};
+
+// CLI11 transform: rewrites "4K" as "4096" before CLI11 converts the value, so counts and
+// lists of counts accept the suffixes. An error message (not an exception) makes CLI11
+// report it against the flag.
+inline CLI::Validator count_suffixes() {
+  return CLI::Validator(
+      [](std::string& s) -> std::string {
+        try {
+          s = std::to_string(parse_count(s));
+          return {};
+        } catch (const std::exception&) {
+          return "not a positive count (e.g. 4096, 4K, 1M): " + s;
+        }
+      },
+      "", "count");
 }
 
-inline std::vector<index_t> parse_counts(const std::string& s) {
-  std::vector<index_t> out;
-  for (const auto& t : split(s)) out.push_back(parse_count(t));
-  return out;
+inline CLI::Option* add_count(CLI::App& app, const std::string& flag, index_t& v, const std::string& help) {
+  return app.add_option(flag, v, help)->transform(count_suffixes())->type_name("N")->capture_default_str();
+}
+
+// A comma-separated list of counts; `shown` is the default as --help prints it (option_text
+// replaces CLI11's "LIST:... ..." for vectors).
+inline CLI::Option* add_counts(CLI::App& app, const std::string& flag, std::vector<index_t>& v,
+                               const std::string& help, const std::string& shown) {
+  return app.add_option(flag, v, help)->delimiter(',')->transform(count_suffixes())->option_text("LIST=" + shown);
+}
+
+inline void add_common_options(CLI::App& app, CommonOptions& o) {
+  app.get_formatter()->column_width(34);
+  app.footer("Counts take K = 1024 and M = 1048576 suffixes: --T 1K,4K,1M.");
+  add_counts(app, "--T", o.T, "sequence lengths", "1K,4K,16K,64K,256K");
+  app.add_option("--strategies", o.strategies, "of backprop,checkpointed,adjoint,truncated")
+      ->delimiter(',')
+      ->check(CLI::IsMember({"backprop", "checkpointed", "adjoint", "truncated"}))
+      ->option_text("LIST=all four");
+  add_count(app, "--chunk", o.chunk, "Adjoint chunk length");
+  add_count(app, "--shard", o.shard, "VJP shard length of Adjoint/TruncatedAdjoint");
+  add_count(app, "--window", o.window, "TruncatedAdjoint window T-bar");
+  add_count(app, "--vocab", o.vocab, "vocabulary size");
+  app.add_option("--seed", o.seed, "parameter seed")->type_name("N")->capture_default_str();
+  app.add_option("--mem-limit-gib", o.mem_limit_gib, "skip runs whose predicted peak exceeds X GiB (0: 3/4 of RAM)")
+      ->type_name("X")
+      ->capture_default_str();
+  app.add_option("--max-run-seconds", o.max_run_seconds, "skip runs predicted to take longer (0: no limit)")
+      ->type_name("S")
+      ->capture_default_str();
+  app.add_option("--out", o.out, "also write the JSON lines to FILE")->type_name("FILE");
+}
+
+// Lengths run in increasing order (the fits extrapolate upwards), each once.
+inline void sort_unique(std::vector<index_t>& v) {
+  std::sort(v.begin(), v.end());
+  v.erase(std::unique(v.begin(), v.end()), v.end());
 }
 
 inline double physical_memory_bytes() {

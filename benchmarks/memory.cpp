@@ -24,15 +24,15 @@
 // the predicted peak and time. Budget answers: "kind":"budget".
 //
 // Run `bench_memory --help` for the flags.
-#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <iostream>
 #include <stdexcept>
 #include <string>
 #include <vector>
+
+#include <CLI/CLI.hpp>
 
 #include <ssmx/adjoint/strategy.hpp>
 #include <ssmx/core/memory.hpp>
@@ -48,87 +48,20 @@ constexpr index_t P = 256, N = 16, K = 8;
 using Layer = ssmx::nn::DiagonalSSM<float, P, N>;
 using Net = ssmx::nn::Model<Layer, K>;
 
-struct Options {
-  std::vector<index_t> T = {1024, 4096, 16384, 65536, 262144};
-  std::vector<std::string> strategies = {"backprop", "checkpointed", "adjoint", "truncated"};
-  index_t vocab = 256;
-  index_t chunk = 256;    // Adjoint chunk
-  index_t shard = 64;     // Adjoint / TruncatedAdjoint VJP shard
-  index_t window = 1024;  // TruncatedAdjoint T̄
-  std::uint64_t seed = 0;
-  double mem_limit_gib = 0;     // 0: 3/4 of physical memory
-  double max_run_seconds = 0;   // 0: no limit
-  double budget_gib = 0;        // 0: no budget question
-  index_t max_T = 1 << 20;      // largest T run to verify a budget answer
+struct Options : CommonOptions {
+  double budget_gib = 0;    // 0: no budget question
+  index_t max_T = 1 << 20;  // largest T run to verify a budget answer
   bool adjoint_1m = false;
-  std::string out;
 };
 
-const char* usage =
-    "bench_memory: peak tracked host memory of one forward+backward step per strategy.\n"
-    "Model<DiagonalSSM<float,256,16>,8>, vocab 256, batch 1.\n"
-    "  --T LIST              sequence lengths, e.g. 1K,4K,16K,64K,256K (K = 1024, M = 1048576)\n"
-    "  --strategies LIST     of backprop,checkpointed,adjoint,truncated (default: all four)\n"
-    "  --chunk N             Adjoint chunk length (default 256)\n"
-    "  --shard N             VJP shard length of Adjoint/TruncatedAdjoint (default 64)\n"
-    "  --window N            TruncatedAdjoint window T-bar (default 1024)\n"
-    "  --vocab N             vocabulary size (default 256)\n"
-    "  --seed N              parameter seed (default 0)\n"
-    "  --mem-limit-gib X     skip runs whose predicted peak exceeds X GiB (default 3/4 of RAM)\n"
-    "  --max-run-seconds S   skip runs predicted to take longer than S seconds (default: none)\n"
-    "  --budget-gib X        report, per strategy, the largest T whose peak fits X GiB (affine fit),\n"
-    "                        and verify it by a run when that T <= --max-T and the run is allowed\n"
-    "  --max-T N             cap for the verification run of --budget-gib (default 1M)\n"
-    "  --adjoint-1m          also run one Adjoint step at T = 1,048,576 (ignores --max-run-seconds)\n"
-    "  --out FILE            also write the JSON lines to FILE\n";
-
-Options parse(int argc, char** argv) {
-  Options o;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    auto value = [&]() -> std::string {
-      if (i + 1 >= argc) throw std::invalid_argument(a + " needs a value");
-      return argv[++i];
-    };
-    if (a == "--help" || a == "-h") {
-      std::cout << usage;
-      std::exit(0);
-    } else if (a == "--T") {
-      o.T = parse_counts(value());
-    } else if (a == "--strategies") {
-      o.strategies = split(value());
-    } else if (a == "--chunk") {
-      o.chunk = parse_count(value());
-    } else if (a == "--shard") {
-      o.shard = parse_count(value());
-    } else if (a == "--window") {
-      o.window = parse_count(value());
-    } else if (a == "--vocab") {
-      o.vocab = parse_count(value());
-    } else if (a == "--seed") {
-      o.seed = std::stoull(value());
-    } else if (a == "--mem-limit-gib") {
-      o.mem_limit_gib = std::stod(value());
-    } else if (a == "--max-run-seconds") {
-      o.max_run_seconds = std::stod(value());
-    } else if (a == "--budget-gib") {
-      o.budget_gib = std::stod(value());
-    } else if (a == "--max-T") {
-      o.max_T = parse_count(value());
-    } else if (a == "--adjoint-1m") {
-      o.adjoint_1m = true;
-    } else if (a == "--out") {
-      o.out = value();
-    } else {
-      throw std::invalid_argument("unknown flag " + a + " (see --help)");
-    }
-  }
-  for (const auto& s : o.strategies)
-    if (s != "backprop" && s != "checkpointed" && s != "adjoint" && s != "truncated")
-      throw std::invalid_argument("unknown strategy '" + s + "': expected backprop, checkpointed, adjoint or truncated");
-  std::sort(o.T.begin(), o.T.end());
-  o.T.erase(std::unique(o.T.begin(), o.T.end()), o.T.end());
-  return o;
+void add_options(CLI::App& app, Options& o) {
+  add_common_options(app, o);
+  app.add_option("--budget-gib", o.budget_gib,
+                 "report per strategy the largest T whose peak fits X GiB (affine fit); verify it by a run "
+                 "when T <= --max-T")
+      ->type_name("X");
+  add_count(app, "--max-T", o.max_T, "cap for the verification run of --budget-gib")->default_str("1M");
+  app.add_flag("--adjoint-1m", o.adjoint_1m, "also run one Adjoint step at T = 1,048,576 (ignores --max-run-seconds)");
 }
 
 struct Measured {
@@ -281,8 +214,14 @@ class Bench {
 }  // namespace bench_memory
 
 int main(int argc, char** argv) {
+  CLI::App app{"bench_memory: peak tracked host memory of one forward+backward step per strategy.\n"
+               "Model<DiagonalSSM<float,256,16>,8>, vocab 256, batch 1."};
+  bench_memory::Options o;
+  bench_memory::add_options(app, o);
+  CLI11_PARSE(app, argc, argv);
+  bench_util::sort_unique(o.T);
   try {
-    bench_memory::Bench(bench_memory::parse(argc, argv)).run();
+    bench_memory::Bench(o).run();
   } catch (const std::exception& e) {
     std::cerr << "bench_memory: " << e.what() << "\n";
     return 1;

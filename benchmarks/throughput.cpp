@@ -33,13 +33,14 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <iostream>
 #include <stdexcept>
 #include <string>
 #include <vector>
+
+#include <CLI/CLI.hpp>
 
 #include <ssmx/adjoint/strategy.hpp>
 #include <ssmx/core/memory.hpp>
@@ -56,91 +57,25 @@ using MainNet = ssmx::nn::Model<ssmx::nn::DiagonalSSM<float, 256, 16>, 8>;
 using SmallNet = ssmx::nn::Model<ssmx::nn::DiagonalSSM<float, 64, 16>, 1>;
 using DumpNet = ssmx::nn::Model<ssmx::nn::DiagonalSSM<double, 16, 4>, 2>;
 
-struct Options {
-  std::vector<index_t> T = {1024, 4096, 16384, 65536, 262144};
-  std::vector<std::string> strategies = {"backprop", "checkpointed", "adjoint", "truncated"};
+struct Options : CommonOptions {
   std::vector<index_t> paper_T = {512, 1024, 2048, 4096};
-  index_t vocab = 256;
-  index_t chunk = 256, shard = 64, window = 1024;
   index_t repeats = 1;
-  std::uint64_t seed = 0;
-  double mem_limit_gib = 0;    // 0: 3/4 of physical memory
-  double max_run_seconds = 0;  // 0: no limit
   bool main = true, paper = true;
   std::string dump_dir;
   index_t dump_T = 256;
-  std::string out;
 };
 
-const char* usage =
-    "bench_throughput: forward+backward tokens/s per gradient strategy.\n"
-    "  --T LIST              main-model sequence lengths (default 1K,4K,16K,64K,256K; K = 1024)\n"
-    "  --strategies LIST     of backprop,checkpointed,adjoint,truncated (default: all four)\n"
-    "  --chunk N --shard N   Adjoint chunk (256) and VJP shard (64)\n"
-    "  --window N            TruncatedAdjoint window T-bar (1024)\n"
-    "  --repeats R           steps per point; the fastest is reported (default 1)\n"
-    "  --paper-T LIST        small-model lengths for Adjoint vs PaperAdjoint (default 512,1K,2K,4K)\n"
-    "  --no-main             skip the main model;  --no-paper  skip the PaperAdjoint comparison\n"
-    "  --mem-limit-gib X     skip runs whose predicted tracked peak exceeds X GiB (default 3/4 of RAM)\n"
-    "  --max-run-seconds S   skip runs predicted to take longer than S seconds (default: none)\n"
-    "  --seed N              parameter seed (default 0)\n"
-    "  --dump DIR            only write the double-precision gradient dump for compare.py to DIR\n"
-    "  --dump-T N            sequence length of the dump (default 256)\n"
-    "  --out FILE            also write the JSON lines to FILE\n";
-
-Options parse(int argc, char** argv) {
-  Options o;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    auto value = [&]() -> std::string {
-      if (i + 1 >= argc) throw std::invalid_argument(a + " needs a value");
-      return argv[++i];
-    };
-    if (a == "--help" || a == "-h") {
-      std::cout << usage;
-      std::exit(0);
-    } else if (a == "--T") {
-      o.T = parse_counts(value());
-    } else if (a == "--strategies") {
-      o.strategies = split(value());
-    } else if (a == "--chunk") {
-      o.chunk = parse_count(value());
-    } else if (a == "--shard") {
-      o.shard = parse_count(value());
-    } else if (a == "--window") {
-      o.window = parse_count(value());
-    } else if (a == "--repeats") {
-      o.repeats = parse_count(value());
-    } else if (a == "--paper-T") {
-      o.paper_T = parse_counts(value());
-    } else if (a == "--no-main") {
-      o.main = false;
-    } else if (a == "--no-paper") {
-      o.paper = false;
-    } else if (a == "--mem-limit-gib") {
-      o.mem_limit_gib = std::stod(value());
-    } else if (a == "--max-run-seconds") {
-      o.max_run_seconds = std::stod(value());
-    } else if (a == "--seed") {
-      o.seed = std::stoull(value());
-    } else if (a == "--dump") {
-      o.dump_dir = value();
-    } else if (a == "--dump-T") {
-      o.dump_T = parse_count(value());
-    } else if (a == "--out") {
-      o.out = value();
-    } else {
-      throw std::invalid_argument("unknown flag " + a + " (see --help)");
-    }
-  }
-  for (const auto& s : o.strategies)
-    if (s != "backprop" && s != "checkpointed" && s != "adjoint" && s != "truncated")
-      throw std::invalid_argument("unknown strategy '" + s + "': expected backprop, checkpointed, adjoint or truncated");
-  for (auto* v : {&o.T, &o.paper_T}) {
-    std::sort(v->begin(), v->end());
-    v->erase(std::unique(v->begin(), v->end()), v->end());
-  }
-  return o;
+void add_options(CLI::App& app, Options& o) {
+  add_common_options(app, o);
+  app.get_option("--T")->description("main-model sequence lengths");
+  add_count(app, "--repeats", o.repeats, "steps per point; the fastest is reported");
+  add_counts(app, "--paper-T", o.paper_T, "small-model lengths for Adjoint vs PaperAdjoint", "512,1K,2K,4K");
+  // Negative flags: giving one clears the bool.
+  app.add_flag_callback("--no-main", [&o] { o.main = false; }, "skip the main model");
+  app.add_flag_callback("--no-paper", [&o] { o.paper = false; }, "skip the PaperAdjoint comparison");
+  app.add_option("--dump", o.dump_dir, "only write the double-precision gradient dump for compare.py to DIR")
+      ->type_name("DIR");
+  add_count(app, "--dump-T", o.dump_T, "sequence length of the dump");
 }
 
 struct Timed {
@@ -380,8 +315,14 @@ class Bench {
 }  // namespace bench_throughput
 
 int main(int argc, char** argv) {
+  CLI::App app{"bench_throughput: forward+backward tokens/s per gradient strategy."};
+  bench_throughput::Options o;
+  bench_throughput::add_options(app, o);
+  CLI11_PARSE(app, argc, argv);
+  bench_util::sort_unique(o.T);
+  bench_util::sort_unique(o.paper_T);
   try {
-    bench_throughput::Bench(bench_throughput::parse(argc, argv)).run();
+    bench_throughput::Bench(o).run();
   } catch (const std::exception& e) {
     std::cerr << "bench_throughput: " << e.what() << "\n";
     return 1;
