@@ -38,6 +38,7 @@
 #include <cstdint>
 #include <limits>
 #include <random>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -102,6 +103,20 @@ double max_rel_err(const Tensor<T, S1>& a, const Tensor<U, S2>& b, double floor 
   if (a.dims() != b.dims()) return std::numeric_limits<double>::infinity();
   return max_rel_err(to_vector(to_host(a)), to_vector(to_host(b)), floor);
 }
+
+// The message of the exception `f` throws as type E; fails the test if it throws nothing.
+template <class E, class F>
+std::string message_of(F&& f) {
+  try {
+    f();
+  } catch (const E& e) {
+    return e.what();
+  }
+  FAIL("expected an exception");
+  return {};
+}
+
+inline bool contains(const std::string& text, const std::string& piece) { return text.find(piece) != std::string::npos; }
 
 // A seeded generator: the same seed gives the same numbers on every run (same standard library).
 class Rng {

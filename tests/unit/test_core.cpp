@@ -12,19 +12,8 @@ namespace test_core {
 
 using namespace ssmx;
 
-// The message of the exception `f` throws as type E; fails the test if it throws nothing.
-template <class E, class F>
-std::string message_of(F&& f) {
-  try {
-    f();
-  } catch (const E& e) {
-    return e.what();
-  }
-  FAIL("expected an exception");
-  return {};
-}
-
-inline bool contains(const std::string& text, const std::string& piece) { return text.find(piece) != std::string::npos; }
+using ssmx::test::contains;
+using ssmx::test::message_of;
 
 inline std::uint32_t bits_of(float f) {
   std::uint32_t u;

@@ -71,19 +71,8 @@ std::vector<std::pair<std::string, std::vector<unsigned char>>> snapshot_state(c
   return s;
 }
 
-// The message of the exception `f` throws as type E; fails the test if it throws nothing.
-template <class E, class F>
-std::string message_of(F&& f) {
-  try {
-    f();
-  } catch (const E& e) {
-    return e.what();
-  }
-  FAIL("expected an exception");
-  return {};
-}
-
-inline bool contains(const std::string& text, const std::string& piece) { return text.find(piece) != std::string::npos; }
+using ssmx::test::contains;
+using ssmx::test::message_of;
 
 // torch.optim.AdamW's update for one tensor, in double with plain loops (the reference).
 struct AdamRef {
