@@ -110,8 +110,9 @@ struct Exec<Space::Host> {
     // Eigen does not parallelise either, so the choice depends on the shapes alone.
     const double work = double(m) * double(b.extent(1)) * double(a.extent(1));
     if (!omp_in_parallel() && work >= serial_gemm_work) {
-      // At least two threads in the team, so that Eigen never parallelises inside a block.
-#pragma omp parallel for schedule(static) num_threads(std::max(2, omp_get_max_threads()))
+      // Inside the team Eigen runs each block serially: with several threads because it is
+      // in a parallel region, with one because its own thread count is then one too.
+#pragma omp parallel for schedule(static)
       for (index_t blk = 0; blk < nblocks; ++blk) run_block(blk);
       return;
     }
