@@ -17,3 +17,28 @@ function(ssmx_detect_cuda out_var)
     set(${out_var} OFF PARENT_SCOPE)
   endif()
 endfunction()
+
+# ssmx_add_program(<name> <what> <sources...>): an executable of ssmx's own (example,
+# benchmark) linking ssmx::ssmx, and ssmx::cuda when a source is .cu. Without
+# SSMX_ENABLE_CUDA a CUDA program is skipped with a status message; callers test
+# `if(TARGET <name>)`.
+function(ssmx_add_program name what)
+  set(sources ${ARGN})
+  set(uses_cuda OFF)
+  foreach(src IN LISTS sources)
+    if(src MATCHES "\\.cu$")
+      set(uses_cuda ON)
+    endif()
+  endforeach()
+  if(uses_cuda AND NOT SSMX_ENABLE_CUDA)
+    message(STATUS "ssmx: ${what} ${name} skipped (needs SSMX_ENABLE_CUDA)")
+    return()
+  endif()
+  add_executable(${name} ${sources})
+  target_link_libraries(${name} PRIVATE ssmx::ssmx)
+  if(uses_cuda)
+    target_link_libraries(${name} PRIVATE ssmx::cuda)
+    target_compile_options(${name} PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:--extended-lambda --expt-relaxed-constexpr>)
+  endif()
+  ssmx_target_warnings(${name})
+endfunction()
