@@ -11,11 +11,15 @@
 //   backward(y, g, {wrt(w, gw), wrt(b, gb)});      // gw += dL/dw, gb += dL/db
 //
 // Leaves are identified by their data pointer and extents, so a tensor used twice in an
-// expression receives both contributions. Subtrees with no target leaf are skipped.
+// expression receives both contributions. A leaf that is a slice of a contiguous target
+// (one half of a fused weight, the token rows of a window) receives its gradient in the
+// matching part of the target's gradient. Subtrees with no target leaf are skipped.
 // Private header: include <ssmx/autodiff/autodiff.hpp>.
 #pragma once
 
+#include <cstdint>
 #include <initializer_list>
+#include <type_traits>
 #include <vector>
 
 #include "vjp_nodes.hpp"
@@ -28,6 +32,7 @@ struct GradTarget {
   const void* data;
   Dims dims;
   TensorView<T, S> grad;
+  bool contiguous = false;  // the leaf and its gradient are both contiguous: slices of it match too
 };
 
 // wrt(x, gx): differentiate with respect to the tensor (or view) x; accumulate into gx.
@@ -37,7 +42,7 @@ GradTarget<T, S> wrt(const X& x, TensorView<T, S> grad) {
   static_assert(decltype(lv)::space == S, "wrt: the leaf and its gradient must live in the same memory space");
   SSMX_REQUIRE(grad.dims() == lv.dims(), ShapeError, "wrt: gradient of shape ", grad.dims().str(),
                " for a leaf of shape ", lv.dims().str());
-  return GradTarget<T, S>{lv.data(), lv.dims(), grad};
+  return GradTarget<T, S>{lv.data(), lv.dims(), grad, lv.is_contiguous() && grad.is_contiguous()};
 }
 template <class X, class T, Space S>
 GradTarget<T, S> wrt(const X& x, Tensor<T, S>& grad) {
@@ -50,6 +55,7 @@ using GradTargets = std::vector<GradTarget<T, S>>;
 namespace autodiff {
 
 using expr::BroadcastTo;
+using expr::CausalConv1d;
 using expr::Constant;
 using expr::Leaf;
 using expr::MatMul;
@@ -238,6 +244,16 @@ struct Tape<Softmax<Kind, E>, S> : NodeTape<Softmax<Kind, E>, S> {
   }
 };
 
+template <class E, Space S>
+struct Tape<CausalConv1d<E>, S> : NodeTape<CausalConv1d<E>, S> {
+  using V = typename E::value_type;
+  Tape<E, S> child;
+  explicit Tape(const CausalConv1d<E>& c) : child(c.child) {
+    this->value_ = eval(CausalConv1d<Leaf<V, S>>(Leaf<V, S>(child.value()), c.weight.view, c.bias.view, c.mask),
+                        Tag::Workspace);
+  }
+};
+
 // ---- which subtrees need a gradient ------------------------------------------------------
 // (All overloads are declared first: they call each other through the expression tree.)
 
@@ -251,6 +267,8 @@ template <class T, Space S, class Op, class L, class R>
 bool needs_grad(const Binary<Op, L, R>& b, const GradTargets<T, S>& t);
 template <class T, Space S, class L, class R>
 bool needs_grad(const MatMul<L, R>& m, const GradTargets<T, S>& t);
+template <class T, Space S, class E>
+bool needs_grad(const CausalConv1d<E>& c, const GradTargets<T, S>& t);
 template <class T, Space S, class E, class = decltype(std::declval<const E&>().child)>
 bool needs_grad(const E& e, const GradTargets<T, S>& t);
 
@@ -286,13 +304,38 @@ void backward(const MatMul<L, R>& m, const Tape<MatMul<L, R>, S>& tape, TensorVi
 template <class T, Space S, class V, class Kind, class E>
 void backward(const Softmax<Kind, E>& s, const Tape<Softmax<Kind, E>, S>& tape, TensorView<const V, S> g,
               const GradTargets<T, S>& targets);
+template <class T, Space S, class V, class E>
+void backward(const CausalConv1d<E>& c, const Tape<CausalConv1d<E>, S>& tape, TensorView<const V, S> g,
+              const GradTargets<T, S>& targets);
 
+
+// Where leaf `l`'s gradient goes: the target that is `l` itself, else the part of a
+// contiguous target that `l` is a slice of; an empty view when none.
+template <class T, Space S, class Stored>
+TensorView<T, S> target_grad(const Leaf<Stored, S>& l, const GradTargets<T, S>& targets) {
+  const auto& v = l.view;
+  for (const auto& t : targets)
+    if (t.data == static_cast<const void*>(v.data()) && t.dims == v.dims()) return t.grad;
+  if constexpr (std::is_same_v<Stored, T>) {
+    index_t last = 0;  // offset of the leaf's last element from its first
+    for (int i = 0; i < v.rank(); ++i) {
+      if (v.extent(i) == 0 || v.stride(i) < 0) return {};
+      last += (v.extent(i) - 1) * v.stride(i);
+    }
+    const auto p = reinterpret_cast<std::uintptr_t>(v.data());
+    for (const auto& t : targets) {
+      const auto base = reinterpret_cast<std::uintptr_t>(t.data);
+      if (!t.contiguous || p < base || (p - base) % sizeof(T) != 0) continue;
+      const index_t off = index_t((p - base) / sizeof(T));
+      if (off + last < t.dims.numel()) return TensorView<T, S>(t.grad.data() + off, v.dims(), v.strides());
+    }
+  }
+  return {};
+}
 
 template <class T, Space S, class Stored>
 bool needs_grad(const Leaf<Stored, S>& l, const GradTargets<T, S>& targets) {
-  for (const auto& t : targets)
-    if (t.data == static_cast<const void*>(l.view.data()) && t.dims == l.view.dims()) return true;
-  return false;
+  return target_grad(l, targets).data() != nullptr;
 }
 template <class T, Space S, class C>
 bool needs_grad(const Constant<C>&, const GradTargets<T, S>&) {
@@ -310,6 +353,10 @@ template <class T, Space S, class L, class R>
 bool needs_grad(const MatMul<L, R>& m, const GradTargets<T, S>& t) {
   return needs_grad(m.lhs, t) || needs_grad(m.rhs, t);
 }
+template <class T, Space S, class E>
+bool needs_grad(const CausalConv1d<E>& c, const GradTargets<T, S>& t) {
+  return needs_grad(c.child, t) || needs_grad(c.weight, t) || (c.has_bias() && needs_grad(c.bias, t));
+}
 template <class T, Space S, class E, class>
 bool needs_grad(const E& e, const GradTargets<T, S>& t) {
   return needs_grad(e.child, t);
@@ -320,8 +367,8 @@ bool needs_grad(const E& e, const GradTargets<T, S>& t) {
 template <class T, Space S, class V, class Stored>
 void backward(const Leaf<Stored, S>& l, const Tape<Leaf<Stored, S>, S>&, TensorView<const V, S> g,
               const GradTargets<T, S>& targets) {
-  for (const auto& t : targets)
-    if (t.data == static_cast<const void*>(l.view.data()) && t.dims == l.view.dims()) accumulate(t.grad, g);
+  TensorView<T, S> grad = target_grad(l, targets);
+  if (grad.data()) accumulate(grad, g);
 }
 
 template <class T, Space S, class V, class C>
@@ -435,6 +482,44 @@ void backward(const Softmax<Kind, E>& s, const Tape<Softmax<Kind, E>, S>& tape, 
   else  // dx = y ⊙ (g - Σ g⊙y)
     gx = eval(y * (gl - ssmx::sum(gl * y, last, true)), Tag::Workspace);
   backward(s.child, tape.child, TensorView<const V, S>(gx.view()), targets);
+}
+
+// out[t] = b + Σ_j w_j ⊙ x[t + j] ⊙ m_j[t]:
+//   dx[t + j] += g[t] ⊙ w_j ⊙ m_j[t],  dw_j = Σ_t g[t] ⊙ x[t + j] ⊙ m_j[t],  db = Σ_t g[t]
+template <class T, Space S, class V, class E>
+void backward(const CausalConv1d<E>& c, const Tape<CausalConv1d<E>, S>& tape, TensorView<const V, S> g,
+              const GradTargets<T, S>& targets) {
+  const index_t n = g.extent(0);
+  Leaf<V, S> gl(g);
+  if (needs_grad(c.child, targets)) {
+    Tensor<V, S> gx(c.child.dims(), Tag::Workspace);
+    ssmx::assign(gx.view(), Constant<V>(V(0)));
+    for (index_t j = 0; j < c.width; ++j) {  // taps one after another: their rows overlap
+      if (c.has_mask())
+        ssmx::accumulate(gx.view().slice(j, j + n), gl * leaf(c.tap(j)) * leaf(c.tap_mask(j)));
+      else
+        ssmx::accumulate(gx.view().slice(j, j + n), gl * leaf(c.tap(j)));
+    }
+    backward(c.child, tape.child, TensorView<const V, S>(gx.view()), targets);
+  }
+  if (needs_grad(c.weight, targets)) {
+    const TensorView<const V, S> x = tape.child.value();
+    Tensor<V, S> gw(c.weight.dims(), Tag::Workspace);
+    const index_t last = gw.view().rank() - 1;
+    for (index_t j = 0; j < c.width; ++j) {
+      TensorView<V, S> col(gw.data() + j * gw.view().stride(int(last)), Dims{gw.view().extent(0)},
+                           {gw.view().stride(0), 0, 0, 0});
+      if (c.has_mask())
+        ssmx::assign(col, ssmx::sum(gl * leaf(x.slice(j, j + n)) * leaf(c.tap_mask(j)), 0));
+      else
+        ssmx::assign(col, ssmx::sum(gl * leaf(x.slice(j, j + n)), 0));
+    }
+    backward(c.weight, Tape<Leaf<V, S>, S>(c.weight), TensorView<const V, S>(gw.view()), targets);
+  }
+  if (c.has_bias() && needs_grad(c.bias, targets)) {
+    Tensor<V, S> gb = eval(ssmx::sum(gl, 0), Tag::Workspace);
+    backward(c.bias, Tape<Leaf<V, S>, S>(c.bias), TensorView<const V, S>(gb.view()), targets);
+  }
 }
 
 }  // namespace autodiff

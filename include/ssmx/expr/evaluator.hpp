@@ -18,6 +18,8 @@ namespace ssmx {
 
 template <class T, Space S, class E>
 void assign(TensorView<T, S> out, const E& e);
+template <class T, Space S, class E>
+void accumulate(TensorView<T, S> out, const E& e);
 
 namespace backend {
 // Per-space execution: run(out, evaluator, accumulate), gemm, reduce_all.
@@ -399,6 +401,31 @@ struct Evaluator<ReduceAll<Op, E>, S> : ViewReader<typename E::value_type, typen
   }
   Evaluator(const ReduceAll<Op, E>& r, EvalContext<S>& ctx, const Ext4& view)
       : ViewReader<V, V>(compute(r, ctx), view) {}
+};
+
+template <class E, Space S>
+struct Evaluator<CausalConv1d<E>, S> : ViewReader<typename E::value_type, typename E::value_type> {
+  using V = typename E::value_type;
+  // W accumulating passes over the [n, C] output, one per tap.
+  static TensorView<const V, S> compute(const CausalConv1d<E>& c, EvalContext<S>& ctx) {
+    TensorView<const V, S> x = materialize(c.child, ctx);
+    Tensor<V, S>& out = ctx.template temp<V>(c.dims());
+    const index_t n = out.extent(0);
+    if (c.has_bias())
+      ssmx::assign(out.view(), c.bias);
+    else
+      ssmx::assign(out.view(), Constant<V>(V(0)));
+    for (index_t j = 0; j < c.width; ++j) {
+      auto term = leaf(x.slice(j, j + n)) * leaf(c.tap(j));
+      if (c.has_mask())
+        ssmx::accumulate(out.view(), term * leaf(c.tap_mask(j)));
+      else
+        ssmx::accumulate(out.view(), term);
+    }
+    return out.view();
+  }
+  Evaluator(const CausalConv1d<E>& c, EvalContext<S>& ctx, const Ext4& view)
+      : ViewReader<V, V>(compute(c, ctx), view) {}
 };
 
 }  // namespace expr

@@ -234,6 +234,57 @@ struct Softmax : ExprBase<Softmax<Kind, E>> {
   Dims dims() const { return child.dims(); }
 };
 
+// Causal depthwise convolution over the token axis (the short convolution of Mamba-style
+// blocks). x is [n + W - 1, C]: the W - 1 rows before the first output token (the halo)
+// come first, so a caller can continue a sequence exactly. With tap j reaching W - 1 - j
+// tokens back,
+//   out[t, c] = bias[c] + Σ_j w[c, j] · x[t + j, c] · m[j, t]
+// where the optional tap mask m ([W, n], entries 0 or 1) cuts taps that would cross a
+// document start. weight is [C, W] or PyTorch's Conv1d layout [C, 1, W]; bias is [C] or
+// absent (an empty view).
+template <class E>
+struct CausalConv1d : ExprBase<CausalConv1d<E>> {
+  static_assert(E::space_id != any_space, "causal_conv1d: the input must be a tensor expression");
+  using value_type = typename E::value_type;
+  static constexpr int space_id = E::space_id;
+  static constexpr Space space = Space(space_id);
+  using V = value_type;
+  E child;
+  Leaf<V, space> weight;
+  Leaf<V, space> bias;
+  TensorView<const V, space> mask;
+  index_t width;
+
+  CausalConv1d(E x, TensorView<const V, space> w, TensorView<const V, space> b, TensorView<const V, space> m)
+      : child(std::move(x)), weight(w), bias(b), mask(m), width(w.rank() >= 2 ? w.extent(w.rank() - 1) : 0) {
+    const Dims xd = child.dims(), wd = w.dims();
+    SSMX_REQUIRE(xd.rank == 2, ShapeError, "causal_conv1d: input must be [tokens + W - 1, channels], got ", xd.str());
+    SSMX_REQUIRE((wd.rank == 2 || (wd.rank == 3 && wd[1] == 1)) && wd[0] == xd[1], ShapeError,
+                 "causal_conv1d: weight must be [channels, W] or [channels, 1, W] with channels = ", xd[1], ", got ",
+                 wd.str());
+    SSMX_REQUIRE(width >= 1 && xd[0] >= width, ShapeError, "causal_conv1d: input ", xd.str(), " has fewer than W = ",
+                 width, " rows (it must hold W - 1 halo rows before the first token)");
+    SSMX_REQUIRE(!b.data() || b.dims() == Dims{xd[1]}, ShapeError, "causal_conv1d: bias must be [", xd[1], "], got ",
+                 b.dims().str());
+    SSMX_REQUIRE(!m.data() || m.dims() == (Dims{width, xd[0] - width + 1}), ShapeError,
+                 "causal_conv1d: tap mask must be [W, tokens] = [", width, ", ", xd[0] - width + 1, "], got ",
+                 m.dims().str());
+  }
+  Dims dims() const { return Dims{child.dims()[0] - width + 1, child.dims()[1]}; }
+  bool has_bias() const { return bias.view.data() != nullptr; }
+  bool has_mask() const { return mask.data() != nullptr; }
+  // w[:, j] as a [C] view.
+  TensorView<const V, space> tap(index_t j) const {
+    const auto& v = weight.view;
+    return TensorView<const V, space>(v.data() + j * v.stride(v.rank() - 1), Dims{v.extent(0)}, {v.stride(0), 0, 0, 0});
+  }
+  // m[j, :] as an [n, 1] view (broadcast over channels).
+  TensorView<const V, space> tap_mask(index_t j) const {
+    return TensorView<const V, space>(mask.data() + j * mask.stride(0), Dims{mask.extent(1), 1},
+                                      {mask.stride(1), 0, 0, 0});
+  }
+};
+
 // ---- turning operands into nodes -------------------------------------------------------
 
 template <class X, class = void>
@@ -399,6 +450,13 @@ auto softmax(const X& x) {
 template <class X, class = std::enable_if_t<expr::is_operand_v<X>>>
 auto log_softmax(const X& x) {
   return expr::Softmax<expr::LogSoftmaxKind, expr::expr_t<X>>(expr::as_expr(x));
+}
+
+// Causal depthwise convolution of x ([n + W - 1, C], halo rows first); see CausalConv1d.
+template <class X, class V, Space S, class = std::enable_if_t<expr::is_operand_v<X>>>
+auto causal_conv1d(const X& x, TensorView<const V, S> weight, TensorView<const V, S> bias = {},
+                   TensorView<const V, S> tap_mask = {}) {
+  return expr::CausalConv1d<expr::expr_t<X>>(expr::as_expr(x), weight, bias, tap_mask);
 }
 
 }  // namespace ssmx

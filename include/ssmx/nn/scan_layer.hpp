@@ -17,6 +17,11 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
+#include <cstdint>
+#include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../autodiff/autodiff.hpp"
@@ -44,14 +49,72 @@ struct Block {
   }
 };
 
+// Optional parts of the ScanLayer concept (see diagonal_ssm.hpp and mamba.hpp):
+//   L::num_features, L::features(U_ext, tap_mask) -> std::tuple of [n, F_i] expressions,
+//     evaluated once per stretch; decay/inject/readout then take std::array<view, F> of
+//     them instead of U (a layer with a convolution computes it once, not per map);
+//   L::halo  tokens of left context the features read: U_ext has halo + n rows, the halo
+//     rows (the stretch's predecessors, or the carried-in rows before the first token)
+//     first. tap_mask is [halo + 1, n] (1: the tap stays inside the token's document) or
+//     empty when nothing resets.
+template <class L, class = void>
+struct layer_halo : std::integral_constant<index_t, 0> {};
+template <class L>
+struct layer_halo<L, std::void_t<decltype(L::halo)>> : std::integral_constant<index_t, L::halo> {};
+template <class L, class = void>
+struct layer_feature_count : std::integral_constant<std::size_t, 0> {};
+template <class L>
+struct layer_feature_count<L, std::void_t<decltype(L::num_features)>>
+    : std::integral_constant<std::size_t, std::size_t(L::num_features)> {};
+
+namespace detail {
+template <class Layer, bool has_features>
+struct FeatureTypes {  // no feature stage: the maps read U
+  using CV = TensorView<const typename Layer::value_type>;
+  using MapInput = CV;
+  using Expr = std::tuple<>;
+  using Tapes = std::tuple<>;
+};
+template <class... E>
+struct TapesOf {
+  using type = std::tuple<Tape<E>...>;
+};
+template <class... E>
+struct TapesOf<std::tuple<E...>> {
+  using type = std::tuple<Tape<E>...>;
+};
+template <class Layer>
+struct FeatureTypes<Layer, true> {
+  using CV = TensorView<const typename Layer::value_type>;
+  using MapInput = std::array<CV, layer_feature_count<Layer>::value>;
+  using Expr = decltype(std::declval<const Layer&>().features(std::declval<CV>(), std::declval<CV>()));
+  using Tapes = typename TapesOf<Expr>::type;
+};
+
+template <std::size_t... I, class F>
+void for_each_index(std::index_sequence<I...>, F&& f) {
+  (f(std::integral_constant<std::size_t, I>{}), ...);
+}
+template <std::size_t N, class F>
+void for_each_index(F&& f) {
+  for_each_index(std::make_index_sequence<N>{}, std::forward<F>(f));
+}
+}  // namespace detail
+
 template <class Layer>
 struct LayerTypes {
   using T = typename Layer::value_type;
   using CV = TensorView<const T>;
+  static constexpr index_t halo = layer_halo<Layer>::value;
+  static constexpr std::size_t num_features = layer_feature_count<Layer>::value;
+  static_assert(halo >= 0, "ScanLayer: halo must be >= 0");
+  static_assert(halo == 0 || num_features > 0, "ScanLayer: a layer with a halo must read it through features()");
+  using Features = detail::FeatureTypes<Layer, (num_features > 0)>;
+  using MapInput = typename Features::MapInput;  // what decay/inject/readout take
   using NormE = decltype(rms_norm(std::declval<CV>(), std::declval<const Tensor<T>&>()));
-  using DecayE = decltype(std::declval<const Layer&>().decay(std::declval<CV>()));
-  using InjectE = decltype(std::declval<const Layer&>().inject(std::declval<CV>()));
-  using ReadoutE = decltype(std::declval<const Layer&>().readout(std::declval<CV>(), std::declval<CV>()));
+  using DecayE = decltype(std::declval<const Layer&>().decay(std::declval<MapInput>()));
+  using InjectE = decltype(std::declval<const Layer&>().inject(std::declval<MapInput>()));
+  using ReadoutE = decltype(std::declval<const Layer&>().readout(std::declval<CV>(), std::declval<MapInput>()));
 };
 
 inline index_t state_numel(const Dims& s) { return s.numel(); }
@@ -65,62 +128,127 @@ inline Dims with_tokens(index_t n, const Dims& state) {
   return d;
 }
 
+// Document boundaries inside a stretch (packed sequences). starts[t] = 1 where a document
+// begins: the state resets there (a^t = 0) and the features' window stops there.
+// since[t] = tokens since the last start, capped at the halo (halo: no start in reach).
+struct Resets {
+  const std::uint8_t* starts = nullptr;
+  const index_t* since = nullptr;
+  bool any() const { return starts != nullptr; }
+  Resets offset(index_t t) const { return any() ? Resets{starts + t, since + t} : Resets{}; }
+};
+
 // What one stretch of tokens of one layer computes in the forward pass.
 template <class Layer>
 struct Stretch {
   using T = typename Layer::value_type;
-  TensorView<const T> y_in;  // [n, d_model], the stored layer input (not owned)
-  Tensor<T> u;               // [n, d_model], the normalised input
-  Tensor<T> a;               // [1, n, S], the decay broadcast to the state
-  Tensor<T> h;               // [1, n, S], the states
-  Tensor<T> h0;              // [1, S], the state before the stretch
-  index_t n() const { return y_in.extent(0); }
+  using Ty = LayerTypes<Layer>;
+  static constexpr index_t halo = Ty::halo;
+  TensorView<const T> y_ext;                     // [halo + n, d_model], the stored layer input (not owned)
+  Tensor<T> u;                                   // [halo + n, d_model], normalised
+  std::array<Tensor<T>, Ty::num_features> f;     // the features, [n, F_i]
+  Tensor<T> mask;                                // [halo + 1, n] tap mask, or empty
+  Tensor<T> a;                                   // [1, n, S], the decay broadcast to the state
+  Tensor<T> h;                                   // [1, n, S], the states
+  Tensor<T> h0;                                  // [1, S], the state before the stretch
+  Resets resets;
+  index_t n() const { return y_ext.extent(0) - halo; }
+  TensorView<const T> y_in() const { return y_ext.slice(halo, halo + n()); }
+  TensorView<const T> u_tokens() const { return TensorView<const T>(u.view()).slice(halo, halo + n()); }
+  TensorView<const T> mask_cols(index_t s0, index_t s1) const {
+    return mask.empty() ? TensorView<const T>() : TensorView<const T>(mask.view()).slice(1, s0, s1);
+  }
+  // The per-token maps' input for tokens [s0, s1).
+  typename Ty::MapInput maps(index_t s0, index_t s1) const {
+    if constexpr (Ty::num_features == 0) {
+      return u_tokens().slice(s0, s1);
+    } else {
+      typename Ty::MapInput m;
+      for (std::size_t i = 0; i < Ty::num_features; ++i) m[i] = TensorView<const T>(f[i].view()).slice(s0, s1);
+      return m;
+    }
+  }
 };
 
 // The tapes of one shard's per-token maps (every intermediate value, for the VJPs).
 template <class Layer>
 struct ShardTapes {
   using Ty = LayerTypes<Layer>;
+  using CV = typename Ty::CV;
   Tape<typename Ty::NormE> norm;
+  typename Ty::Features::Tapes features;
   Tape<typename Ty::DecayE> decay;
   Tape<typename Ty::InjectE> inject;
   Tape<typename Ty::ReadoutE> readout;
-  ShardTapes(const Block<Layer>& blk, typename Ty::CV y, typename Ty::CV u, typename Ty::CV h)
-      : norm(rms_norm(y, blk.norm.weight.value, blk.norm.eps)),
-        decay(blk.mixer.decay(u)),
-        inject(blk.mixer.inject(u)),
-        readout(blk.mixer.readout(h, u)) {}
+  // Tapes for tokens [s0, s1) of a computed stretch.
+  ShardTapes(const Block<Layer>& blk, const Stretch<Layer>& st, index_t s0, index_t s1)
+      : norm(rms_norm(st.y_in().slice(s0, s1), blk.norm.weight.value, blk.norm.eps)),
+        features(make_features(blk, st, s0, s1)),
+        decay(blk.mixer.decay(st.maps(s0, s1))),
+        inject(blk.mixer.inject(st.maps(s0, s1))),
+        readout(blk.mixer.readout(h_rows(st, s0, s1), st.maps(s0, s1))) {}
+
+  static CV h_rows(const Stretch<Layer>& st, index_t s0, index_t s1) {
+    return CV(st.h.view()).reshape(with_tokens(st.n(), Layer::state_dims())).slice(s0, s1);
+  }
+  static CV u_rows(const Stretch<Layer>& st, index_t s0, index_t s1) {  // [halo + s1 - s0] rows
+    return CV(st.u.view()).slice(s0, s1 + Ty::halo);
+  }
+
+ private:
+  static typename Ty::Features::Tapes make_features(const Block<Layer>& blk, const Stretch<Layer>& st, index_t s0,
+                                                    index_t s1) {
+    if constexpr (Ty::num_features == 0)
+      return {};
+    else
+      return typename Ty::Features::Tapes(blk.mixer.features(u_rows(st, s0, s1), st.mask_cols(s0, s1)));
+  }
 };
 
-// Forward over one stretch: fills st.u, st.a, st.h from y_in and the state h0 before it
-// (empty: zero); writes the last state to h_last when given.
+// Forward over one stretch: fills st from y_ext ([halo + n, d_model], the halo rows first)
+// and the state h0 before it (empty: zero); writes the last state to h_last when given.
 template <class Layer>
-void compute_stretch(const Block<Layer>& blk, TensorView<const typename Layer::value_type> y_in,
+void compute_stretch(const Block<Layer>& blk, TensorView<const typename Layer::value_type> y_ext,
                      TensorView<const typename Layer::value_type> h0, Stretch<Layer>& st,
-                     TensorView<typename Layer::value_type> h_last = {}) {
+                     TensorView<typename Layer::value_type> h_last = {}, Resets resets = {}) {
   using T = typename Layer::value_type;
+  using Ty = LayerTypes<Layer>;
+  constexpr index_t halo = Ty::halo;
   const Dims sd = Layer::state_dims();
-  const index_t n = y_in.extent(0), S = state_numel(sd);
-  st.y_in = y_in;
-  st.u = Tensor<T>(y_in.dims(), Tag::Activations);
-  assign(st.u.view(), rms_norm(y_in, blk.norm.weight.value, blk.norm.eps));
-  TensorView<const T> u = st.u.view();
+  SSMX_REQUIRE(y_ext.extent(0) > halo, ShapeError, "scan layer: a stretch of ", y_ext.extent(0),
+               " rows holds no token after its ", halo, " halo rows");
+  const index_t n = y_ext.extent(0) - halo, S = state_numel(sd);
+  st.y_ext = y_ext;
+  st.resets = resets;
+  st.u = Tensor<T>(y_ext.dims(), Tag::Activations);
+  assign(st.u.view(), rms_norm(y_ext, blk.norm.weight.value, blk.norm.eps));
+  if constexpr (Ty::num_features > 0) {
+    st.mask = Tensor<T>();
+    if (halo > 0 && resets.any()) {  // tap j reaches halo - j tokens back
+      st.mask = Tensor<T>(Dims{halo + 1, n}, Tag::Activations);
+      for (index_t j = 0; j <= halo; ++j)
+        for (index_t t = 0; t < n; ++t) st.mask(j, t) = T(halo - j <= resets.since[t] ? 1 : 0);
+    }
+    auto fe = blk.mixer.features(ShardTapes<Layer>::u_rows(st, 0, n), st.mask_cols(0, n));
+    detail::for_each_index<Ty::num_features>([&](auto I) { st.f[I] = eval(std::get<I>(fe), Tag::Activations); });
+  }
+  const auto maps = st.maps(0, n);
   st.a = Tensor<T>(Dims{1, n, S}, Tag::Activations);
-  assign(st.a.view().reshape(with_tokens(n, sd)), broadcast_to(blk.mixer.decay(u), with_tokens(n, sd)));
+  assign(st.a.view().reshape(with_tokens(n, sd)), broadcast_to(blk.mixer.decay(maps), with_tokens(n, sd)));
+  if (resets.any())
+    for (index_t t = 0; t < n; ++t)
+      if (resets.starts[t]) std::fill(st.a.data() + t * S, st.a.data() + (t + 1) * S, T(0));
   st.h = Tensor<T>(Dims{1, n, S}, Tag::Activations);
-  assign(st.h.view().reshape(with_tokens(n, sd)), blk.mixer.inject(u));
+  assign(st.h.view().reshape(with_tokens(n, sd)), blk.mixer.inject(maps));
   st.h0 = zeros<T>(Dims{1, S}, Tag::Activations);
   if (h0.data()) copy<T>(st.h0.view(), h0.reshape(Dims{1, S}));
   linear_scan<T, Space::Host>(st.a.view(), st.h.view(), st.h.view(), st.h0.view(), h_last);
 }
 
-// y_out = y_in + readout(h, u) for a computed stretch.
+// y_out = y_in + readout(h, maps) for a computed stretch.
 template <class Layer>
 void write_output(const Block<Layer>& blk, const Stretch<Layer>& st, TensorView<typename Layer::value_type> y_out) {
-  using T = typename Layer::value_type;
-  const Dims sd = Layer::state_dims();
-  TensorView<const T> h3 = TensorView<const T>(st.h.view()).reshape(with_tokens(st.n(), sd));
-  assign(y_out, leaf(st.y_in) + blk.mixer.readout(h3, TensorView<const T>(st.u.view())));
+  assign(y_out, leaf(st.y_in()) + blk.mixer.readout(ShardTapes<Layer>::h_rows(st, 0, st.n()), st.maps(0, st.n())));
 }
 
 // How the adjoint state δ of a stretch is formed from dL/dh (the readout's direct part).
@@ -164,6 +292,7 @@ struct StretchBackward {
   const Tensor<T>* q_next = nullptr;  // truncated: the next block's forward accumulation
   Tensor<T>* q_out = nullptr;         // truncated: this block's, for the block before
   TensorView<T> input_grad;           // where dL/dy_in accumulates, [n, d_model]
+  TensorView<T> halo_grad;            // where dL/d(halo rows of y_ext) accumulates, [halo, d_model]
 };
 
 namespace detail {
@@ -240,15 +369,19 @@ void paper_delta(TensorView<const T> a, TensorView<const T> gh, TensorView<T> de
 // Backward over one computed stretch with output cotangent G ([n, d_model]).
 // `tapes`: prebuilt tapes for one shard covering the whole stretch (Backprop), or empty
 // to build them here per shard (the adjoint strategies). Parameter gradients are added to
-// each parameter's grad; dL/dy_in is added to opt.input_grad.
+// each parameter's grad; dL/dy_in is added to opt.input_grad and, for a layer with a halo,
+// dL/d(halo rows) to opt.halo_grad.
 template <class Layer>
 void backward_stretch(Block<Layer>& blk, const Stretch<Layer>& st, TensorView<const typename Layer::value_type> G,
                       StretchBackward<typename Layer::value_type>& opt, ShardGrads<typename Layer::value_type>& sg,
                       std::vector<ShardTapes<Layer>>* kept_tapes = nullptr) {
   using T = typename Layer::value_type;
   using CV = TensorView<const T>;
+  using Ty = LayerTypes<Layer>;
+  constexpr index_t halo = Ty::halo;
+  constexpr std::size_t NF = Ty::num_features;
   const Dims sd = Layer::state_dims();
-  const index_t n = st.n(), S = state_numel(sd);
+  const index_t n = st.n(), S = state_numel(sd), P = Layer::d_model;
   const ParameterList<T> params = blk.parameters();
   const index_t shard = kept_tapes ? n : std::max<index_t>(1, std::min(opt.shard, n));
   const index_t nshards = (n + shard - 1) / shard;
@@ -256,19 +389,27 @@ void backward_stretch(Block<Layer>& blk, const Stretch<Layer>& st, TensorView<co
 
   CV h_all = st.h.view();
   CV h3 = h_all.reshape(with_tokens(n, sd));
-  CV u = st.u.view();
   Tensor<T> gh = zeros<T>(Dims{1, n, S}, Tag::Workspace);  // dL/dh, direct part
-  Tensor<T> du = zeros<T>(u.dims(), Tag::Workspace);       // dL/du
   TensorView<T> gh3 = gh.view().reshape(with_tokens(n, sd));
+  // dL/d(maps' input): U's token rows, or each feature.
+  std::array<Tensor<T>, NF == 0 ? 1 : NF> dmaps;
+  if constexpr (NF == 0)
+    dmaps[0] = zeros<T>(Dims{n, P}, Tag::Workspace);
+  else
+    for (std::size_t i = 0; i < NF; ++i) dmaps[i] = zeros<T>(st.f[i].dims(), Tag::Workspace);
+  auto map_targets = [&](GradTargets<T, Space::Host>& tg, index_t s0, index_t s1) {
+    const auto m = st.maps(s0, s1);
+    if constexpr (NF == 0)
+      tg.push_back(wrt(m, dmaps[0].view().slice(s0, s1)));
+    else
+      for (std::size_t i = 0; i < NF; ++i) tg.push_back(wrt(m[i], dmaps[i].view().slice(s0, s1)));
+  };
 
   std::vector<ShardTapes<Layer>> local;
   std::vector<ShardTapes<Layer>>& tapes = kept_tapes ? *kept_tapes : local;
   if (!kept_tapes) {
     local.reserve(std::size_t(nshards));
-    for (index_t s = 0; s < nshards; ++s) {
-      const index_t s0 = s * shard, s1 = std::min(n, s0 + shard);
-      local.emplace_back(blk, st.y_in.slice(s0, s1), u.slice(s0, s1), h3.slice(s0, s1));
-    }
+    for (index_t s = 0; s < nshards; ++s) local.emplace_back(blk, st, s * shard, std::min(n, (s + 1) * shard));
   }
 
   // Phase 1: readout VJPs, shard-parallel.
@@ -277,11 +418,11 @@ void backward_stretch(Block<Layer>& blk, const Stretch<Layer>& st, TensorView<co
 #endif
   for (index_t s = 0; s < nshards; ++s) {
     const index_t s0 = s * shard, s1 = std::min(n, s0 + shard);
-    CV us = u.slice(s0, s1), hs = h3.slice(s0, s1);
+    CV hs = h3.slice(s0, s1);
     auto tg = param_targets(params, sg.g[std::size_t(s)]);
     tg.push_back(wrt(hs, gh3.slice(s0, s1)));
-    tg.push_back(wrt(us, du.view().slice(s0, s1)));
-    backward(blk.mixer.readout(hs, us), tapes[std::size_t(s)].readout, G.slice(s0, s1), tg);
+    map_targets(tg, s0, s1);
+    backward(blk.mixer.readout(hs, st.maps(s0, s1)), tapes[std::size_t(s)].readout, G.slice(s0, s1), tg);
   }
 
   // The adjoint state.
@@ -301,14 +442,14 @@ void backward_stretch(Block<Layer>& blk, const Stretch<Layer>& st, TensorView<co
   if (opt.carry_out.data())
     assign(opt.carry_out.reshape(Dims{1, 1, S}), leaf(a.slice(1, 0, 1)) * leaf(CV(delta.view()).slice(1, 0, 1)));
 
-  // Phase 2: decay, inject and norm VJPs, shard-parallel.
+  // Phase 2: decay and inject VJPs, shard-parallel.
   CV delta3 = CV(delta.view()).reshape(with_tokens(n, sd));
 #if defined(_OPENMP)
 #pragma omp parallel for schedule(static) if (nshards > 1)
 #endif
   for (index_t s = 0; s < nshards; ++s) {
     const index_t s0 = s * shard, s1 = std::min(n, s0 + shard), ns = s1 - s0;
-    CV us = u.slice(s0, s1), ys = st.y_in.slice(s0, s1), ds = delta3.slice(s0, s1);
+    CV ds = delta3.slice(s0, s1);
     auto& grads = sg.g[std::size_t(s)];
     // h^{t-1} for the shard's tokens: the stretch's h0 before its first token.
     Tensor<T> hprev_first;
@@ -321,17 +462,70 @@ void backward_stretch(Block<Layer>& blk, const Stretch<Layer>& st, TensorView<co
       if (ns > 1) std::copy(h_all.data(), h_all.data() + (ns - 1) * S, hprev_first.data() + S);
       hprev = hprev_first.view();
     }
-    auto decay_e = blk.mixer.decay(us);
+    const auto maps = st.maps(s0, s1);
+    auto decay_e = blk.mixer.decay(maps);
     Tensor<T> da_full = eval(leaf(ds) * leaf(hprev), Tag::Workspace);  // dL/da = δ ⊙ h^{t-1}
+    if (st.resets.any())  // a^t = 0 at a document start: no gradient reaches the decay map there
+      for (index_t t = 0; t < ns; ++t)
+        if (st.resets.starts[s0 + t]) std::fill(da_full.data() + t * S, da_full.data() + (t + 1) * S, T(0));
     Tensor<T> da = autodiff::reduce_to(CV(da_full.view()), decay_e.dims());
     auto tg = param_targets(params, grads);
-    tg.push_back(wrt(us, du.view().slice(s0, s1)));
+    map_targets(tg, s0, s1);
     backward(decay_e, tapes[std::size_t(s)].decay, CV(da.view()), tg);
-    backward(blk.mixer.inject(us), tapes[std::size_t(s)].inject, ds, tg);  // dL/db = δ
-    // Through the norm to the layer input.
-    GradTargets<T, Space::Host> ntg{wrt(blk.norm.weight.value, grads[0]), wrt(ys, opt.input_grad.slice(s0, s1))};
+    backward(blk.mixer.inject(maps), tapes[std::size_t(s)].inject, ds, tg);  // dL/db = δ
+  }
+
+  // Phase 3: the features' VJPs down to U (halo rows included). Shards' windows overlap,
+  // so each shard writes its own buffer; they are summed in shard order.
+  Tensor<T> du_ext;  // dL/dU for the halo + n rows of st.u
+  if constexpr (NF == 0) {
+    du_ext = std::move(dmaps[0]);
+  } else {
+    du_ext = zeros<T>(Dims{halo + n, P}, Tag::Workspace);
+    std::vector<Tensor<T>> du_shard(static_cast<std::size_t>(nshards));
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) if (nshards > 1)
+#endif
+    for (index_t s = 0; s < nshards; ++s) {
+      const index_t s0 = s * shard, s1 = std::min(n, s0 + shard);
+      Tensor<T>& du = du_shard[std::size_t(s)];
+      du = zeros<T>(Dims{halo + s1 - s0, P}, Tag::Workspace);
+      CV us = ShardTapes<Layer>::u_rows(st, s0, s1);
+      auto fe = blk.mixer.features(us, st.mask_cols(s0, s1));
+      auto tg = param_targets(params, sg.g[std::size_t(s)]);
+      tg.push_back(wrt(us, du.view()));
+      // Later features may read earlier ones: walk them last to first.
+      detail::for_each_index<NF>([&](auto J) {
+        constexpr std::size_t I = NF - 1 - decltype(J)::value;
+        backward(std::get<I>(fe), std::get<I>(tapes[std::size_t(s)].features),
+                 CV(dmaps[I].view()).slice(s0, s1), tg);
+      });
+    }
+    for (index_t s = 0; s < nshards; ++s) {
+      const index_t s0 = s * shard, s1 = std::min(n, s0 + shard);
+      accumulate(du_ext.view().slice(s0, s1 + halo), du_shard[std::size_t(s)]);
+    }
+  }
+
+  // Phase 4: through the norm to the layer input, shard-parallel.
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) if (nshards > 1)
+#endif
+  for (index_t s = 0; s < nshards; ++s) {
+    const index_t s0 = s * shard, s1 = std::min(n, s0 + shard);
+    CV ys = st.y_in().slice(s0, s1);
+    GradTargets<T, Space::Host> ntg{wrt(blk.norm.weight.value, sg.g[std::size_t(s)][0]),
+                                    wrt(ys, opt.input_grad.slice(s0, s1))};
     backward(rms_norm(ys, blk.norm.weight.value, blk.norm.eps), tapes[std::size_t(s)].norm,
-             CV(du.view()).slice(s0, s1), ntg);
+             CV(du_ext.view()).slice(halo + s0, halo + s1), ntg);
+  }
+  if constexpr (halo > 0) {  // the halo rows: norm VJP once, into the first shard's buffers
+    SSMX_REQUIRE(opt.halo_grad.data(), ValueError, "backward_stretch: a layer with a halo needs opt.halo_grad");
+    CV yh = st.y_ext.slice(0, halo);
+    auto ne = rms_norm(yh, blk.norm.weight.value, blk.norm.eps);
+    Tape<decltype(ne)> tape(ne);
+    GradTargets<T, Space::Host> ntg{wrt(blk.norm.weight.value, sg.g[0][0]), wrt(yh, opt.halo_grad)};
+    backward(ne, tape, CV(du_ext.view()).slice(0, halo), ntg);
   }
   sg.add_to(params);
 }
