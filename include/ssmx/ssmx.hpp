@@ -14,4 +14,6 @@
 #include "optim/optim.hpp"
 #include "nn/model.hpp"
 #include "nn/train.hpp"
+#include "data/packing.hpp"
 #include "data/recall.hpp"
+#include "data/token_file.hpp"
