@@ -17,6 +17,14 @@ if(TARGET ssmx_cuda)
   install(EXPORT ssmxCudaTargets NAMESPACE ssmx:: DESTINATION "${SSMX_INSTALL_CMAKEDIR}")
 endif()
 
+# Likewise ssmx::io, which needs nlohmann_json.
+set(SSMX_PACKAGE_HAS_IO OFF)
+if(TARGET ssmx_io)
+  set(SSMX_PACKAGE_HAS_IO ON)
+  install(TARGETS ssmx_io EXPORT ssmxIoTargets)
+  install(EXPORT ssmxIoTargets NAMESPACE ssmx:: DESTINATION "${SSMX_INSTALL_CMAKEDIR}")
+endif()
+
 install(DIRECTORY "${PROJECT_SOURCE_DIR}/include/ssmx" DESTINATION "${CMAKE_INSTALL_INCLUDEDIR}"
         FILES_MATCHING PATTERN "*.hpp" PATTERN "*.cuh" PATTERN "*.h")
 

@@ -1,9 +1,9 @@
-# Optional dependencies for features that are not there yet. Each is found quietly; none is
-# required and none is linked into ssmx::ssmx. A feature that starts to need one should:
+# Optional dependencies. Each is found quietly; none is required and none is linked into
+# ssmx::ssmx. A feature that needs one should:
 #   1. link it into the target that needs it (ssmx, or a new ssmx_<feature> target), and
 #   2. add a find_dependency() line to cmake/ssmxConfig.cmake.in under the same condition.
 #
-#   nlohmann_json  (Debian: nlohmann-json3-dev)  -> nlohmann_json::nlohmann_json  (checkpoint metadata, safetensors headers)
+#   nlohmann_json  (Debian: nlohmann-json3-dev)  -> nlohmann_json::nlohmann_json  (ssmx::io: safetensors, checkpoints)
 #   CLI11          (Debian: libcli11-dev)        -> CLI11::CLI11                  (examples' command lines)
 #   MPI            (Debian: libopenmpi-dev)      -> MPI::MPI_CXX                  (dist/)
 include_guard(GLOBAL)
