@@ -16,15 +16,17 @@ struct TrainStepResult : StepResult {
 };
 
 // zero_grad, forward+backward with `strategy`, gradients of the mean loss over the batch's
-// target tokens, clipping, one optimiser update. If any part throws (bad input, a
-// non-finite loss or gradient) the parameters and the optimiser state are left as they were.
+// target tokens, clipping, one optimiser update. `states` carries recurrent state in and
+// out as in Model::forward_backward (e.g. rows that continue a document from the previous
+// batch). If any part throws (bad input, a non-finite loss or gradient) the parameters
+// and the optimiser state are left as they were.
 template <class Model, class Optimizer, class Strategy = Adjoint>
 TrainStepResult train_step(Model& model, Optimizer& opt, const Batch& batch, const Strategy& strategy = {},
-                           const StepOptions& so = {}) {
+                           const StepOptions& so = {}, LayerStates<typename Model::T>* states = nullptr) {
   using T = typename Model::T;
   model.zero_grad();
   TrainStepResult r;
-  static_cast<StepResult&>(r) = model.forward_backward(batch, strategy);
+  static_cast<StepResult&>(r) = model.forward_backward(batch, strategy, states);
   SSMX_REQUIRE(r.tokens > 0, ValueError, "train_step: the batch has no target tokens (all targets are -1)");
   const auto params = model.parameters();
   const T scale = T(1.0 / double(r.tokens));

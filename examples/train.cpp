@@ -1,0 +1,542 @@
+// train — the general ssmx trainer: a preset model (DiagonalSSM or Mamba), a gradient
+// strategy, data (the embedded recall task, an llm.c token file, or the bytes of any file),
+// AdamW or SGD with a schedule, evaluation, checkpoints, resume, metrics, a plot and a summary.
+//
+//   train                                              recall, diagonal-small, 300 steps
+//   train --data text:README.md --model mamba-tiny --context 512 --steps 200
+//   train --data tokens:fineweb_train_000001.bin --model mamba-130m --context 4096 --out runs/m
+//   train --out runs/m --resume                        continue runs/m where it stopped
+//
+// Output, under --out: metrics.jsonl (a line per logged step and per evaluation), config.json,
+// checkpoints/ (step_XXXXXXXX.safetensors and `latest`), and at the end summary.json and
+// plot.png (gnuplot) or plot.svg. A fresh run never writes into a directory holding another
+// run's files. SIGINT/SIGTERM: the current step finishes, a checkpoint is saved, exit 0.
+//
+// Resuming is exact: a run stopped at step s and resumed logs the same losses, bit for bit,
+// as one that never stopped. A checkpoint holds the parameters, the optimiser state, the
+// step, the data cursor (the packer's state; the recall task draws step s's batch from
+// (seed, s)), the recurrent state carried across steps by packed rows, and the whole config,
+// which --resume reuses; a flag given on resume that would change the run's numbers is an
+// error naming the flag and both values.
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <ctime>
+#include <filesystem>
+#include <memory>
+#include <optional>
+#include <string>
+#include <variant>
+#include <vector>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#include <ssmx/io/checkpoint.hpp>
+#include <ssmx/ssmx.hpp>
+
+#include "train/config.hpp"
+#include "train/data.hpp"
+#include "train/metrics.hpp"
+#include "train/plot.hpp"
+#include "train/progress.hpp"
+#include "train/signals.hpp"
+
+namespace train {
+
+namespace fs = std::filesystem;
+namespace nn = ssmx::nn;
+using Clock = std::chrono::steady_clock;
+using T = float;
+
+// A usage error: exit status 2 instead of 1.
+struct UsageError : ssmx::ValueError {
+  using ssmx::ValueError::ValueError;
+};
+
+// ---- presets ----------------------------------------------------------------------------
+
+template <class Layer>
+struct LayerInfo;
+template <class U, index_t P, index_t N>
+struct LayerInfo<nn::DiagonalSSM<U, P, N>> {
+  static std::string describe() { return "DiagonalSSM P=" + std::to_string(P) + " N=" + std::to_string(N); }
+};
+template <class U, index_t D, index_t N, index_t E, index_t W, index_t R>
+struct LayerInfo<nn::Mamba<U, D, N, E, W, R>> {
+  static std::string describe() {
+    return "Mamba D=" + std::to_string(D) + " N=" + std::to_string(N) + " expand=" + std::to_string(E) +
+           " conv=" + std::to_string(W);
+  }
+};
+
+// ---- optimiser, schedule, strategy ---------------------------------------------------------
+
+using Optimizer = std::variant<ssmx::AdamW<T>, ssmx::SGD<T>>;
+using Strategy = std::variant<ssmx::Adjoint, ssmx::TruncatedAdjoint, ssmx::Checkpointed, ssmx::Backprop>;
+
+Optimizer make_optimizer(const Config& c) {
+  if (c.optimizer == "sgd") return ssmx::SGD<T>(c.lr, c.momentum, c.weight_decay);
+  return ssmx::AdamW<T>(c.lr, c.beta1, c.beta2, 1e-8, c.weight_decay);
+}
+
+Strategy make_strategy(const Config& c) {
+  if (c.strategy == "truncated") return ssmx::TruncatedAdjoint{index_t(c.window), index_t(c.shard)};
+  if (c.strategy == "checkpointed") return ssmx::Checkpointed{};
+  if (c.strategy == "backprop") return ssmx::Backprop{};
+  return ssmx::Adjoint{index_t(c.chunk), index_t(c.shard)};
+}
+
+std::string describe_strategy(const Config& c) {
+  if (c.strategy == "adjoint") return "adjoint (chunk " + std::to_string(c.chunk) + ", shard " + std::to_string(c.shard) + ")";
+  if (c.strategy == "truncated")
+    return "truncated adjoint (window " + std::to_string(c.window) + ", shard " + std::to_string(c.shard) + ")";
+  return c.strategy;
+}
+
+// Warmup, then a half cosine down to min_lr_ratio * lr (cosine) or lr held (constant).
+ssmx::WarmupCosine make_schedule(const Config& c) {
+  const std::int64_t warmup = std::min(c.warmup, c.steps);
+  return ssmx::WarmupCosine(warmup, c.steps, c.lr, c.schedule == "cosine" ? c.lr * c.min_lr_ratio : c.lr);
+}
+
+// One update with nn::train_step, carrying `carry` when given. A batch without target
+// tokens (padding only) updates nothing.
+template <class LM>
+nn::TrainStepResult train_step(LM& model, Optimizer& opt, const Strategy& strategy, const nn::Batch& batch,
+                               double clip, nn::LayerStates<T>* carry) {
+  const index_t n = batch.batch * batch.seq_len;
+  if (std::all_of(batch.targets, batch.targets + n, [](nn::token_t y) { return y < 0; })) return {};
+  return std::visit([&](auto& o, const auto& s) { return nn::train_step(model, o, batch, s, {clip}, carry); }, opt,
+                    strategy);
+}
+
+// ---- the run ------------------------------------------------------------------------------
+
+struct Session {
+  std::string out, checkpoint_dir;
+  std::optional<std::string> resume_from;  // the checkpoint to continue from
+  std::int64_t keep_checkpoints = 3;
+};
+
+struct Eval {
+  std::int64_t step = -1;
+  double loss = 0, accuracy = 0;
+  bool valid() const { return step >= 0; }
+};
+
+nlohmann::ordered_json eval_json(const Eval& e, double chance) {
+  nlohmann::ordered_json j{{"step", e.step}, {"loss", e.loss}, {"accuracy", e.accuracy}};
+  if (chance >= 0) j["chance"] = chance;
+  return j;
+}
+
+// Removes all but the newest `keep` step_*.safetensors older than `step` (0: keep all).
+void prune_checkpoints(const std::string& dir, std::int64_t step, std::int64_t keep) {
+  if (keep <= 0) return;
+  std::vector<std::pair<std::int64_t, fs::path>> found;
+  std::error_code ec;
+  for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (name.size() != ssmx::io::checkpoint_file_name(0).size() || name.rfind("step_", 0) != 0) continue;
+    const auto s = ssmx::io::parse_int64(name.substr(5, 8));
+    if (s && *s <= step && name == ssmx::io::checkpoint_file_name(*s)) found.emplace_back(*s, it->path());
+  }
+  std::sort(found.rbegin(), found.rend());
+  for (std::size_t i = std::size_t(keep); i < found.size(); ++i) fs::remove(found[i].second, ec);
+}
+
+template <class Layer, index_t K>
+int run(Config& cfg, Data& data, const Session& session) {
+  using LM = nn::Model<Layer, K>;
+  LM model({data.vocab(), true, std::uint64_t(cfg.seed)});
+  Optimizer opt = make_optimizer(cfg);
+  const Strategy strategy = make_strategy(cfg);
+  const auto schedule = make_schedule(cfg);
+  const index_t n_params = ssmx::parameter_count(model.parameters());
+  const std::string model_text = cfg.model + " (" + LayerInfo<Layer>::describe() + ", K=" + std::to_string(K) +
+                                 " layers, " + std::to_string(n_params) + " parameters)";
+
+  // Recurrent state carried from step to step by rows that continue a document. It goes into
+  // checkpoints as extra tensors named carry.*, beside the parameters.
+  nn::LayerStates<T> carry;
+  std::vector<std::unique_ptr<ssmx::Parameter<T>>> carry_slots;
+  if (data.carries_state()) {
+    const index_t S = nn::state_numel(Layer::state_dims()), halo = nn::layer_halo<Layer>::value;
+    for (index_t k = 0; k < K; ++k) {
+      const std::string layer = "carry.layers." + std::to_string(k);
+      carry_slots.push_back(std::make_unique<ssmx::Parameter<T>>(layer + ".state", ssmx::Dims{cfg.batch, S}));
+      if (halo > 0)
+        carry_slots.push_back(
+            std::make_unique<ssmx::Parameter<T>>(layer + ".halo", ssmx::Dims{cfg.batch, halo, LM::d_model}));
+    }
+  }
+  auto checkpoint_list = [&] {  // parameters, then the carry slots
+    ssmx::ParameterList<T> list = model.parameters();
+    for (auto& p : carry_slots) list.push_back(p.get());
+    return list;
+  };
+  auto carry_tensors = [&](std::size_t slot) -> std::vector<ssmx::Tensor<T>>& {
+    const bool halo = nn::layer_halo<Layer>::value > 0;
+    return halo && slot % 2 == 1 ? carry.final_halo : carry.final_states;
+  };
+  auto carry_index = [&](std::size_t slot) { return nn::layer_halo<Layer>::value > 0 ? slot / 2 : slot; };
+
+  std::int64_t step = 0, tokens_seen = 0;
+  double train_seconds = 0;  // over all invocations, steps only
+  Eval best;
+  if (session.resume_from) {
+    const std::string& path = *session.resume_from;
+    const auto info = std::visit(
+        [&](auto& o) { return ssmx::io::load_checkpoint(path, checkpoint_list(), o); }, opt);
+    step = info.step;
+    auto field = [&](const char* key) -> const std::string& {
+      auto it = info.extra.find(key);
+      SSMX_REQUIRE(it != info.extra.end(), ssmx::IOError, path, ": field \"__metadata__.extra.", key, "\" is missing");
+      return it->second;
+    };
+    auto number = [&](const char* key) {
+      const auto v = ssmx::io::parse_double(field(key));
+      SSMX_REQUIRE(v.has_value(), ssmx::IOError, path, ": field \"__metadata__.extra.", key, "\" is \"", field(key),
+                   "\", expected a number");
+      return *v;
+    };
+    try {
+      data.restore(field("data_cursor"));
+    } catch (const ssmx::ValueError& e) {
+      throw ssmx::ValueError(ssmx::detail::str(path, ": the saved data cursor does not fit --data ", cfg.data,
+                                               " (was the file changed?): ", e.what()));
+    }
+    tokens_seen = std::int64_t(number("tokens_seen"));
+    train_seconds = number("train_seconds");
+    if (info.extra.count("best_eval_step"))
+      best = Eval{std::int64_t(number("best_eval_step")), number("best_eval_loss"), number("best_eval_accuracy")};
+    for (std::size_t i = 0; i < carry_slots.size(); ++i)
+      carry_tensors(i).push_back(carry_slots[i]->value.clone(ssmx::Tag::Activations));
+  }
+
+  // Only now, with the inputs checked and the checkpoint loaded, does anything go to disk.
+  const std::string metrics_path = session.out + "/metrics.jsonl";
+  MetricsFile metrics;
+  std::size_t dropped = 0;
+  if (session.resume_from) {
+    dropped = metrics.resume(metrics_path, step);
+  } else {
+    fs::create_directories(session.out);
+    metrics.create(metrics_path);
+    nlohmann::ordered_json c = cfg.to_json();
+    c["out"] = session.out;
+    c["checkpoint_dir"] = session.checkpoint_dir;
+    ssmx::io::write_file_atomically(session.out + "/config.json", c.dump(2) + "\n");
+  }
+
+  std::printf("ssmx %s train: model %s, vocab %ld\n", SSMX_VERSION_STRING, model_text.c_str(), long(data.vocab()));
+  std::printf("data: %s\n", data.description().c_str());
+  std::printf("%s, context %ld, batch %ld, %s lr %g (%s, warmup %ld), %ld steps\n", describe_strategy(cfg).c_str(),
+              long(cfg.context), long(cfg.batch), cfg.optimizer.c_str(), cfg.lr, cfg.schedule.c_str(),
+              long(std::min(cfg.warmup, cfg.steps)), long(cfg.steps));
+  std::printf("output: %s  (checkpoints: %s)\n", session.out.c_str(), session.checkpoint_dir.c_str());
+  if (session.resume_from)
+    std::printf("resuming from %s at step %ld%s\n", session.resume_from->c_str(), long(step),
+                dropped ? (" (dropped " + std::to_string(dropped) + " metrics lines written after it)").c_str() : "");
+  std::fflush(stdout);
+
+  Progress progress(cfg.print_every);
+  std::string last_checkpoint;
+  std::int64_t last_saved = session.resume_from ? step : -1;
+  auto save = [&] {
+    for (std::size_t i = 0; i < carry_slots.size(); ++i) {
+      auto& v = carry_tensors(i);
+      auto& dst = carry_slots[i]->value;
+      if (v.empty())  // no step yet: the zero state
+        std::fill_n(dst.data(), dst.numel(), T(0));
+      else
+        std::copy_n(v[carry_index(i)].data(), dst.numel(), dst.data());
+    }
+    ssmx::io::Metadata extra{{"config", cfg.to_json().dump()},
+                             {"data_cursor", data.cursor()},
+                             {"tokens_seen", ssmx::io::exact_string(tokens_seen)},
+                             {"train_seconds", ssmx::io::exact_string(train_seconds)}};
+    if (best.valid()) {
+      extra["best_eval_step"] = ssmx::io::exact_string(best.step);
+      extra["best_eval_loss"] = ssmx::io::exact_string(best.loss);
+      extra["best_eval_accuracy"] = ssmx::io::exact_string(best.accuracy);
+    }
+    last_checkpoint = std::visit(
+        [&](auto& o) { return ssmx::io::save_checkpoint_to_dir(session.checkpoint_dir, checkpoint_list(), o, step, extra); },
+        opt);
+    last_saved = step;
+    prune_checkpoints(session.checkpoint_dir, step, session.keep_checkpoints);
+  };
+  Eval last_eval;
+  auto evaluate = [&] {
+    const auto r = data.evaluate(model, index_t(cfg.chunk));
+    if (r.tokens == 0) return;
+    last_eval = Eval{step, r.mean_loss(), r.accuracy()};
+    if (!best.valid() || last_eval.loss < best.loss) best = last_eval;
+    JsonLine line;
+    line.add("type", "eval").add("step", step).add("loss", last_eval.loss).add("accuracy", last_eval.accuracy);
+    line.add("tokens", std::int64_t(r.tokens));
+    if (data.chance() >= 0) line.add("chance", data.chance());
+    metrics.write(line);
+    char buf[160];
+    std::snprintf(buf, sizeof buf, "eval at step %ld: loss %.4f  accuracy %.3f%s", long(step), last_eval.loss,
+                  last_eval.accuracy,
+                  data.chance() >= 0 ? ("  (chance " + std::to_string(data.chance()).substr(0, 5) + ")").c_str() : "");
+    progress.message(buf);
+  };
+
+  const std::int64_t last = cfg.until > 0 ? std::min(cfg.until, cfg.steps) : cfg.steps;
+  const auto start = Clock::now();
+  auto since_start = [&] { return std::chrono::duration<double>(Clock::now() - start).count(); };
+  double run_seconds = 0;  // this invocation's steps
+  std::int64_t run_tokens = 0, run_steps = 0;
+  std::size_t run_peak = 0;
+  std::string stop_reason = step >= last ? "already done" : cfg.until > 0 && last < cfg.steps ? "until" : "completed";
+  StepData sd;
+  {
+    StopSignals signals;
+    while (step < last) {
+      if (cfg.minutes > 0 && since_start() >= cfg.minutes * 60) {
+        stop_reason = "time budget";
+        break;
+      }
+      data.next(step, sd);
+      if (data.carries_state()) carry_over(carry, sd.continues);
+      const double lr = schedule.lr(step);
+      std::visit([&](auto& o) { o.set_lr(lr); }, opt);
+      ssmx::reset_peak(ssmx::Space::Host);
+      const auto t0 = Clock::now();
+      const auto r = train_step(model, opt, strategy, sd.batch(), cfg.clip, data.carries_state() ? &carry : nullptr);
+      run_seconds += std::chrono::duration<double>(Clock::now() - t0).count();
+      train_seconds += std::chrono::duration<double>(Clock::now() - t0).count();
+      ++step;
+      ++run_steps;
+      tokens_seen += sd.rows * sd.len;
+      run_tokens += sd.rows * sd.len;
+      const std::size_t peak = ssmx::memory_stats(ssmx::Space::Host).peak;
+      run_peak = std::max(run_peak, peak);
+      const double tps = double(run_tokens) / std::max(run_seconds, 1e-9);
+
+      if (step % cfg.log_every == 0 || step == last) {
+        JsonLine line;
+        line.add("type", "train").add("step", step).add("loss", r.mean_loss()).add("accuracy", r.accuracy());
+        line.add("tokens", std::int64_t(r.tokens)).add("context", std::int64_t(sd.len)).add("lr", lr);
+        line.add("grad_norm", r.grad_norm).add("tokens_per_s", tps).add("peak_bytes", std::int64_t(peak));
+        line.add("train_seconds", train_seconds);
+        metrics.write(line);
+      }
+      ProgressInfo pi;
+      pi.step = step;
+      pi.total = last;
+      pi.loss = r.mean_loss();
+      pi.accuracy = r.accuracy();
+      pi.tokens_per_s = tps;
+      pi.peak_bytes = double(peak);
+      pi.eta_seconds = since_start() / double(run_steps) * double(last - step);
+      if (cfg.minutes > 0) pi.eta_seconds = std::min(pi.eta_seconds, cfg.minutes * 60 - since_start());
+      progress.update(pi);
+
+      if (cfg.eval_every > 0 && step % cfg.eval_every == 0 && step < last) evaluate();
+      if (cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0 && step < last) save();
+      if (StopSignals::requested()) {
+        stop_reason = "interrupted";
+        break;
+      }
+    }
+  }
+  progress.finish();
+
+  const bool interrupted = stop_reason == "interrupted";
+  if (!interrupted && last_eval.step != step) evaluate();  // the final evaluation
+  if (last_saved != step) save();
+
+  // Summary and plot.
+  const std::string title = cfg.model + " on " + cfg.data + ", " + describe_strategy(cfg);
+  const std::string plot_path = write_plot(read_history(metrics_path), session.out, title);
+  nlohmann::ordered_json s;
+  s["model"] = cfg.model;
+  s["parameters"] = n_params;
+  s["data"] = cfg.data;
+  s["strategy"] = cfg.strategy;
+  s["stop_reason"] = stop_reason;
+  s["steps"] = step;
+  s["steps_planned"] = cfg.steps;
+  s["steps_this_run"] = run_steps;
+  s["tokens"] = tokens_seen;
+  s["train_seconds"] = train_seconds;
+  s["wall_seconds_this_run"] = since_start();
+  s["tokens_per_s"] = run_seconds > 0 ? double(run_tokens) / run_seconds : 0.0;
+  s["peak_bytes"] = run_peak;  // the tracked host allocator's peak over this run's steps
+  s["final_eval"] = last_eval.valid() ? eval_json(last_eval, data.chance()) : nlohmann::ordered_json();
+  s["best_eval"] = best.valid() ? eval_json(best, data.chance()) : nlohmann::ordered_json();
+  s["checkpoint"] = last_checkpoint;
+  s["metrics"] = metrics_path;
+  s["plot"] = plot_path;
+  ssmx::io::write_file_atomically(session.out + "/summary.json", s.dump(2) + "\n");
+
+  std::printf("summary: %ld/%ld steps (%s), %s tokens in %s (%s tokens/s this run), peak %.1f MiB\n", long(step),
+              long(cfg.steps), stop_reason.c_str(), format_count(double(tokens_seen)).c_str(),
+              format_duration(train_seconds).c_str(), format_count(s["tokens_per_s"].get<double>()).c_str(),
+              double(run_peak) / double(1 << 20));
+  auto print_eval = [&](const char* what, const Eval& e) {
+    if (!e.valid()) return;
+    std::printf("%s eval at step %ld: loss %.4f  accuracy %.3f", what, long(e.step), e.loss, e.accuracy);
+    if (data.chance() >= 0) std::printf("  (chance %.3f)", data.chance());
+    std::printf("\n");
+  };
+  print_eval(interrupted ? "last " : "final", last_eval);
+  print_eval("best ", best);
+  std::printf("wrote %s/summary.json%s%s; checkpoint %s\n", session.out.c_str(), plot_path.empty() ? "" : ", ",
+              plot_path.c_str(), last_checkpoint.c_str());
+  if (interrupted)
+    std::printf("stopped by signal %d at step %ld; continue with --out %s --resume\n", StopSignals::requested(),
+                long(step), session.out.c_str());
+  return 0;
+}
+
+int dispatch(Config& cfg, Data& data, const Session& session) {
+  // One instantiation per preset (each costs compile time): keep this list short.
+  if (cfg.model == "diagonal-small") return run<nn::DiagonalSSM<T, 64, 16>, 2>(cfg, data, session);
+  if (cfg.model == "diagonal-base") return run<nn::DiagonalSSM<T, 256, 16>, 8>(cfg, data, session);
+  if (cfg.model == "mamba-tiny") return run<nn::Mamba<T, 64, 16, 2, 4>, 2>(cfg, data, session);
+  if (cfg.model == "mamba-130m") return run<nn::Mamba<T, 768, 16, 2, 4>, 24>(cfg, data, session);
+  throw UsageError("--model '" + cfg.model + "': not a preset");
+}
+
+// ---- command line -------------------------------------------------------------------------
+
+// On --resume: every saved field not given on the command line takes its saved value; a
+// given one that fixes the run's numbers must equal it.
+void merge_saved_config(Config& cfg, const CLI::App& app, const nlohmann::json& saved, const std::string& path) {
+  for (const Field& f : cfg.fields()) {
+    if (f.on_resume == OnResume::not_saved) continue;
+    SSMX_REQUIRE(saved.contains(f.name), ssmx::IOError, path, ": the saved config lacks field \"", f.name, "\"");
+    const nlohmann::json& was = saved[f.name];
+    const bool given = app.get_option(std::string("--") + f.name)->count() > 0;
+    std::visit(
+        [&](auto* p) {
+          using V = std::decay_t<decltype(*p)>;
+          const nlohmann::json now = *p;
+          if (given && now != was && f.on_resume == OnResume::must_match)
+            throw UsageError(ssmx::detail::str("--", f.name, " ", now.dump(), " differs from the value the run was started with, ",
+                                               was.dump(), " (saved in ", path, "); a resumed run keeps it: drop the flag, or start a new run with another --out"));
+          if (given && now != was && std::string(f.name) == "steps")
+            std::printf("note: --steps changes from %s to %s; the learning-rate schedule now spans %s steps\n",
+                        was.dump().c_str(), now.dump().c_str(), now.dump().c_str());
+          if (!given) {
+            try {
+              *p = was.get<V>();
+            } catch (const nlohmann::json::exception&) {
+              throw ssmx::IOError(ssmx::detail::str(path, ": the saved config's field \"", f.name, "\" is ", was.dump(),
+                                                    ", not a ", std::is_same_v<V, std::string> ? "string" : "number"));
+            }
+          }
+        },
+        f.value);
+  }
+}
+
+std::string default_out(const Config& c) {
+  const std::time_t now = std::time(nullptr);
+  char stamp[32];
+  std::strftime(stamp, sizeof stamp, "%Y%m%d-%H%M%S", std::localtime(&now));
+  const std::string kind = c.data.substr(0, c.data.find(':'));
+  return "runs/" + c.model + "-" + kind + "-" + stamp;
+}
+
+// A fresh run must not write over another run's files.
+void check_fresh(const Session& s) {
+  for (const char* name : {"metrics.jsonl", "summary.json", "config.json", "plot.svg", "plot.png"}) {
+    const fs::path p = fs::path(s.out) / name;
+    SSMX_REQUIRE(!fs::exists(p), UsageError, s.out, " already holds a run (", p.string(),
+                 " exists): pass --resume to continue it, or choose another --out");
+  }
+  if (fs::is_directory(s.checkpoint_dir)) {
+    const auto found = ssmx::io::latest_checkpoint(s.checkpoint_dir);
+    SSMX_REQUIRE(!found, UsageError, s.checkpoint_dir, " already holds checkpoints (", *found,
+                 "): pass --resume to continue that run, or choose another --checkpoint-dir");
+  }
+}
+
+int main(int argc, char** argv) {
+  Config cfg;
+  Session session;
+  bool resume = false;
+  CLI::App app{"Train a state space model (DiagonalSSM or Mamba) with the exact adjoint backward or another "
+               "gradient strategy; see the comment at the top of examples/train.cpp"};
+  app.get_formatter()->column_width(34);
+  for (Field& f : cfg.fields()) {
+    CLI::Option* o = std::visit([&](auto* p) { return app.add_option(std::string("--") + f.name, *p, f.help); }, f.value);
+    o->capture_default_str();
+    if (f.check) o->check(*f.check);
+  }
+  app.add_option("--keep-checkpoints", session.keep_checkpoints, "keep the newest N checkpoints (0: all)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  app.add_flag("--resume", resume, "continue the run in --out (or --checkpoint-dir) from its latest checkpoint");
+  CLI11_PARSE(app, argc, argv);
+
+  try {
+    if (cfg.device == "cuda")
+      throw UsageError("--device cuda: the training engine runs on the host only in this version "
+                       "(the CUDA backend has no training path yet); use --device cpu");
+    if (cfg.device == "auto") {
+      std::printf("device: cpu (auto: the training engine runs on the host)\n");
+      std::fflush(stdout);
+    }
+
+    if (cfg.threads > 0) {
+#if defined(_OPENMP)
+      omp_set_num_threads(int(cfg.threads));
+#else
+      std::printf("note: --threads %ld ignored: this build has no OpenMP\n", long(cfg.threads));
+#endif
+    }
+
+    if (resume) {
+      SSMX_REQUIRE(!cfg.out.empty() || !cfg.checkpoint_dir.empty(), UsageError,
+                   "--resume: pass --out DIR (or --checkpoint-dir DIR) of the run to continue");
+      if (cfg.out.empty()) cfg.out = fs::path(cfg.checkpoint_dir).parent_path().string();
+      if (cfg.checkpoint_dir.empty()) cfg.checkpoint_dir = cfg.out + "/checkpoints";
+      SSMX_REQUIRE(fs::is_directory(cfg.checkpoint_dir), UsageError, "--resume: ", cfg.checkpoint_dir,
+                   " does not exist or is not a directory: no checkpoint to resume from");
+      const auto latest = ssmx::io::latest_checkpoint(cfg.checkpoint_dir);
+      SSMX_REQUIRE(latest.has_value(), UsageError, "--resume: ", cfg.checkpoint_dir,
+                   " holds no checkpoint (step_*.safetensors)");
+      const auto md = ssmx::io::SafetensorsFile::open(*latest).metadata();
+      const auto it = md.find("extra.config");
+      SSMX_REQUIRE(it != md.end(), ssmx::IOError, *latest,
+                   ": field \"__metadata__.extra.config\" is missing: not a checkpoint written by train");
+      const auto saved = nlohmann::json::parse(it->second, nullptr, false);
+      SSMX_REQUIRE(saved.is_object(), ssmx::IOError, *latest,
+                   ": field \"__metadata__.extra.config\" is not a JSON object");
+      merge_saved_config(cfg, app, saved, *latest);
+      session.resume_from = *latest;
+    }
+    if (cfg.out.empty()) cfg.out = default_out(cfg);
+    if (cfg.checkpoint_dir.empty()) cfg.checkpoint_dir = cfg.out + "/checkpoints";
+    session.out = cfg.out;
+    session.checkpoint_dir = cfg.checkpoint_dir;
+    if (!resume) check_fresh(session);
+    SSMX_REQUIRE(cfg.curriculum_start <= cfg.context, UsageError, "--curriculum-start ", cfg.curriculum_start,
+                 " exceeds --context ", cfg.context);
+
+    Data data(cfg);  // reads and checks the data; fills cfg.vocab
+    return dispatch(cfg, data, session);
+  } catch (const UsageError& e) {
+    std::fprintf(stderr, "train: error: %s\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "train: error: %s\n", e.what());
+    return 1;
+  }
+}
+
+}  // namespace train
+
+int main(int argc, char** argv) { return train::main(argc, argv); }

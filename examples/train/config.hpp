@@ -1,0 +1,123 @@
+// The trainer's configuration: every flag is one field of Config, described once in
+// fields() (flag name, help, how it behaves on --resume), so that the command line, the
+// checkpoint's saved copy and the comparison on resume cannot drift apart.
+// Private to examples/train.cpp; include it from there.
+#pragma once
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <variant>
+#include <vector>
+
+namespace train {
+
+// What a field does when a run is resumed.
+enum class OnResume {
+  must_match,  // fixes the numbers of the run: the saved value is used; a different flag is an error
+  may_change,  // the saved value is used unless the flag is given (e.g. --steps, --eval-every)
+  not_saved,   // belongs to one invocation (--out, --until, --minutes, ...)
+};
+
+struct Field {
+  const char* name;  // the flag without "--", and the key in config.json
+  std::variant<std::string*, std::int64_t*, double*> value;
+  OnResume on_resume;
+  const char* help;
+  std::optional<CLI::Validator> check = std::nullopt;  // on the command line only
+};
+
+struct Config {
+  // model and gradient strategy
+  std::string model = "diagonal-small";
+  std::string strategy = "adjoint";
+  std::int64_t chunk = 256, window = 1024, shard = 64;
+  // data
+  std::string data = "recall";
+  std::int64_t context = 2048, batch = 2, vocab = 0, eot = 50256;
+  double val_fraction = 0.05;
+  std::int64_t recall_values = 16, recall_keys = 16, recall_filler = 16, pairs = 1, query_every = 32;
+  std::int64_t curriculum_start = 0, curriculum_steps = 30;
+  // optimisation
+  std::string optimizer = "adamw", schedule = "cosine";
+  double lr = 1e-2, min_lr_ratio = 0.1, weight_decay = 0.0, beta1 = 0.9, beta2 = 0.99, momentum = 0.9, clip = 1.0;
+  std::int64_t steps = 300, warmup = 20, seed = 1;
+  // evaluation, logging, checkpoints
+  std::int64_t eval_every = 100, eval_sequences = 16, eval_tokens = 65536;
+  std::int64_t log_every = 1, print_every = 10, checkpoint_every = 100;
+  // this invocation only
+  std::string out, checkpoint_dir, device = "auto";
+  std::int64_t until = 0, threads = 0;
+  double minutes = 0.0;
+
+  std::vector<Field> fields() {
+    const auto positive = CLI::PositiveNumber, nonneg = CLI::NonNegativeNumber;
+    const auto mm = OnResume::must_match, mc = OnResume::may_change, ns = OnResume::not_saved;
+    return {
+        {"model", &model, mm, "model preset: diagonal-small | diagonal-base | mamba-tiny | mamba-130m",
+         CLI::IsMember({"diagonal-small", "diagonal-base", "mamba-tiny", "mamba-130m"})},
+        {"strategy", &strategy, mm, "gradient strategy: adjoint | truncated | checkpointed | backprop",
+         CLI::IsMember({"adjoint", "truncated", "checkpointed", "backprop"})},
+        {"chunk", &chunk, mm, "tokens recomputed at a time by the adjoint backward (and evaluation chunk)", positive},
+        {"window", &window, mm, "T-bar of --strategy truncated: how far back each loss term reaches", positive},
+        {"shard", &shard, mm, "tokens per VJP shard (adjoint, truncated)", positive},
+        {"data", &data, mm, "recall | tokens:PATH (llm.c token file) | text:PATH (bytes of any file, vocab 256)"},
+        {"context", &context, mm, "tokens per row per step", positive},
+        {"batch", &batch, mm, "rows per step", positive},
+        {"vocab", &vocab, mm, "vocabulary of tokens:PATH data (0: largest token + 1)", nonneg},
+        {"eot", &eot, mm, "document separator of tokens:PATH data (begins each document)", nonneg},
+        {"val-fraction", &val_fraction, mm, "held-out tail of tokens/text data for evaluation", CLI::Range(0.0, 0.5)},
+        {"recall-values", &recall_values, mm, "recall: number of values (chance = 1/values)", positive},
+        {"recall-keys", &recall_keys, mm, "recall: number of keys", positive},
+        {"recall-filler", &recall_filler, mm, "recall: number of filler tokens", positive},
+        {"pairs", &pairs, mm, "recall: key-value bindings per sequence", positive},
+        {"query-every", &query_every, mm, "recall: tokens between queries", CLI::Range(2, 1 << 30)},
+        {"curriculum-start", &curriculum_start, mm,
+         "recall: first training context, doubled every --curriculum-steps up to --context (0: off)", nonneg},
+        {"curriculum-steps", &curriculum_steps, mm, "recall: steps per curriculum stage", positive},
+        {"optimizer", &optimizer, mm, "adamw | sgd", CLI::IsMember({"adamw", "sgd"})},
+        {"lr", &lr, mm, "peak learning rate", positive},
+        {"schedule", &schedule, mm, "cosine (warmup, then down to --min-lr-ratio * lr) | constant (after warmup)",
+         CLI::IsMember({"cosine", "constant"})},
+        {"min-lr-ratio", &min_lr_ratio, mm, "cosine: final learning rate as a fraction of --lr", CLI::Range(0.0, 1.0)},
+        {"warmup", &warmup, mm, "linear warmup steps", nonneg},
+        {"weight-decay", &weight_decay, mm, "AdamW decoupled / SGD L2 weight decay", nonneg},
+        {"beta1", &beta1, mm, "AdamW beta1", CLI::Range(0.0, 0.999999)},
+        {"beta2", &beta2, mm, "AdamW beta2", CLI::Range(0.0, 0.999999)},
+        {"momentum", &momentum, mm, "SGD momentum", CLI::Range(0.0, 0.999999)},
+        {"clip", &clip, mm, "clip the global gradient norm to this (0: no clipping)", nonneg},
+        {"seed", &seed, mm, "seed of the initialisation and the data order", nonneg},
+        {"steps", &steps, mc, "optimisation steps of the whole run (the schedule spans them)", positive},
+        {"eval-every", &eval_every, mc, "evaluate on held-out data every N steps (0: only at the end)", nonneg},
+        {"eval-sequences", &eval_sequences, mc, "recall: fresh sequences per evaluation", positive},
+        {"eval-tokens", &eval_tokens, mc, "tokens/text: at most this many held-out tokens per evaluation", positive},
+        {"log-every", &log_every, mc, "write a metrics line every N steps", positive},
+        {"print-every", &print_every, mc, "print a progress line every N steps when stdout is not a terminal",
+         positive},
+        {"checkpoint-every", &checkpoint_every, mc, "save a checkpoint every N steps (0: only at the end)", nonneg},
+        {"out", &out, ns, "output directory (default runs/<model>-<data>-<time>)"},
+        {"checkpoint-dir", &checkpoint_dir, ns, "checkpoint directory (default <out>/checkpoints)"},
+        {"until", &until, ns, "stop this invocation after step N, with a checkpoint (0: run to --steps)", nonneg},
+        {"minutes", &minutes, ns, "time budget of this invocation in minutes (0: none)", nonneg},
+        {"device", &device, ns, "auto | cpu | cuda", CLI::IsMember({"auto", "cpu", "cuda"})},
+        {"threads", &threads, ns, "CPU threads (0: OpenMP's default, e.g. OMP_NUM_THREADS)", nonneg},
+    };
+  }
+
+  // The fields saved with a checkpoint, as JSON (numbers keep every bit: nlohmann prints
+  // doubles with 17 significant digits).
+  nlohmann::json to_json() {
+    nlohmann::json j = nlohmann::json::object();
+    for (const Field& f : fields())
+      if (f.on_resume != OnResume::not_saved) std::visit([&](auto* p) { j[f.name] = *p; }, f.value);
+    return j;
+  }
+};
+
+// The model family of a preset, for --data defaults and messages.
+inline bool is_recall(const Config& c) { return c.data == "recall"; }
+
+}  // namespace train
