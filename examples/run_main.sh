@@ -2,7 +2,7 @@
 # The main job: build and run a real training run of a DiagonalSSM language model with
 # the exact adjoint backward on the embedded long-range key-value recall task.
 # Installs missing Debian packages first. Extra arguments go to train_recall
-# (see `build/examples/train_recall --help`), e.g.  bash examples/run_main.sh --context 8192
+# (see `build/examples/train_recall --help`), e.g.  bash examples/run_main.sh --context 16384
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=.ci/install-deps.sh
@@ -10,4 +10,7 @@ source .ci/install-deps.sh
 ssmx_install_deps
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build build -j"${SSMX_JOBS:-2}" --target train_recall
+# Idle OpenMP threads sleep instead of spinning: on a shared machine, spinning threads that
+# wait for a descheduled one make each step several times slower.
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-passive}"
 exec build/examples/train_recall "$@"
