@@ -40,7 +40,7 @@ struct Config {
   std::int64_t context = 2048, batch = 2, vocab = 0, eot = 50256;
   double val_fraction = 0.05;
   std::int64_t recall_values = 16, recall_keys = 16, recall_filler = 16, pairs = 1, query_every = 32;
-  std::int64_t curriculum_start = 0, curriculum_steps = 30;
+  std::int64_t curriculum_start = 0, curriculum_first = 0, curriculum_steps = 30;
   // optimisation
   std::string optimizer = "adamw", schedule = "cosine";
   double lr = 1e-2, min_lr_ratio = 0.1, weight_decay = 0.0, beta1 = 0.9, beta2 = 0.99, momentum = 0.9, clip = 1.0;
@@ -77,6 +77,8 @@ struct Config {
         {"query-every", &query_every, mm, "recall: tokens between queries", CLI::Range(2, 1 << 30)},
         {"curriculum-start", &curriculum_start, mm,
          "recall: first training context, doubled every --curriculum-steps up to --context (0: off)", nonneg},
+        {"curriculum-first", &curriculum_first, mm,
+         "recall: steps at --curriculum-start before the first doubling (0: --curriculum-steps)", nonneg},
         {"curriculum-steps", &curriculum_steps, mm, "recall: steps per curriculum stage", positive},
         {"optimizer", &optimizer, mm, "adamw | sgd", CLI::IsMember({"adamw", "sgd"})},
         {"lr", &lr, mm, "peak learning rate", positive},

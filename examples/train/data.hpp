@@ -96,11 +96,16 @@ class Data {
   double chance() const { return recall_ ? recall_->chance() : -1.0; }
   bool carries_state() const { return bool(train_); }  // packed data: rows continue across steps
 
-  // The sequence length at `step` (the recall curriculum; otherwise the context).
+  // The sequence length at `step` (the recall curriculum; otherwise the context): the start
+  // length for curriculum_first steps (a long first stage lets the model find the recall
+  // mechanism on short sequences), then doubling every curriculum_steps. A function of the
+  // step alone, so a resumed run needs no curriculum state.
   index_t length_at(std::int64_t step) const {
     if (!recall_ || curriculum_start_ <= 0) return context_;
     index_t len = std::min(context_, std::max<index_t>(4 * recall_->pairs + 2, curriculum_start_));
-    for (std::int64_t s = step / curriculum_steps_; s > 0 && len < context_; --s) len = std::min(context_, 2 * len);
+    if (step < curriculum_first_) return len;
+    for (std::int64_t s = 1 + (step - curriculum_first_) / curriculum_steps_; s > 0 && len < context_; --s)
+      len = std::min(context_, 2 * len);
     return len;
   }
 
@@ -182,6 +187,7 @@ class Data {
     c.vocab = vocab_;
     curriculum_start_ = index_t(c.curriculum_start);
     curriculum_steps_ = index_t(c.curriculum_steps);
+    curriculum_first_ = index_t(c.curriculum_first > 0 ? c.curriculum_first : c.curriculum_steps);
     description_ = "key-value recall, " + std::to_string(t.pairs) + " binding(s), a query every " +
                    std::to_string(t.query_every) + " tokens, chance accuracy " + std::to_string(t.chance()).substr(0, 5);
     // A fixed held-out set at the full context, from its own stream.
@@ -240,7 +246,7 @@ class Data {
   std::string description_;
   // recall
   std::optional<ssmx::data::RecallTask> recall_;
-  index_t curriculum_start_ = 0, curriculum_steps_ = 1;
+  index_t curriculum_start_ = 0, curriculum_steps_ = 1, curriculum_first_ = 1;
   std::vector<token_t> eval_inputs_, eval_targets_;
   // tokens, text
   std::optional<ssmx::data::Packer> train_, val_;
