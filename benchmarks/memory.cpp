@@ -1,8 +1,12 @@
 // Peak tracked host memory of one forward+backward step, per gradient strategy.
 //
-// Model (compile-time shapes, the library's design): Model<DiagonalSSM<float, 256, 16>, 8>,
-// vocab 256, tied head, batch 1. P = 256, N = 16, state S = P·N = 4096 floats per token
-// and layer. Tokens: x_t = (7t + 3) mod vocab, target_t = x_{t+1} (every position counts).
+// Models (compile-time shapes, the library's design; --model), tied head, batch 1:
+//   diagonal    Model<DiagonalSSM<float, 256, 16>, 8>: P = 256, N = 16, state S = P·N =
+//               4096 floats per token and layer (the napkin math below)
+//   mamba-130m  Model<Mamba<float, 768, 16, 2, 4, 48>, 24>: Mamba-130m's shapes (d_model
+//               768, 24 layers, d_state 16, expand 2, d_conv 4, dt_rank 48), state
+//               S = 1536·16 per token and layer; Adjoint stores K·768 floats per token
+// vocab 256 unless --vocab. Tokens: x_t = (7t + 3) mod vocab, target_t = x_{t+1}.
 //
 // Napkin math, bytes per token (float, K = 8 layers):
 //   Adjoint       K·P·4 (layer inputs) + P·4 (dL/dy) + K·S·4/chunk (boundary states)
@@ -44,11 +48,11 @@ namespace bench_memory {
 
 using namespace bench_util;
 using ssmx::index_t;
-constexpr index_t P = 256, N = 16, K = 8;
-using Layer = ssmx::nn::DiagonalSSM<float, P, N>;
-using Net = ssmx::nn::Model<Layer, K>;
+using Diagonal = ssmx::nn::Model<ssmx::nn::DiagonalSSM<float, 256, 16>, 8>;
+using Mamba130m = ssmx::nn::Model<ssmx::nn::Mamba<float, 768, 16, 2, 4, 48>, 24>;
 
 struct Options : CommonOptions {
+  std::string model = "diagonal";
   double budget_gib = 0;    // 0: no budget question
   index_t max_T = 1 << 20;  // largest T run to verify a budget answer
   bool adjoint_1m = false;
@@ -56,6 +60,9 @@ struct Options : CommonOptions {
 
 void add_options(CLI::App& app, Options& o) {
   add_common_options(app, o);
+  app.add_option("--model", o.model, "diagonal (DiagonalSSM P=256 N=16 K=8) or mamba-130m")
+      ->check(CLI::IsMember({"diagonal", "mamba-130m"}))
+      ->capture_default_str();
   app.add_option("--budget-gib", o.budget_gib,
                  "report per strategy the largest T whose peak fits X GiB (affine fit); verify it by a run "
                  "when T <= --max-T")
@@ -71,7 +78,10 @@ struct Measured {
   double seconds = 0, loss = 0;
 };
 
+template <class Net>
 class Bench {
+  static constexpr index_t P = Net::d_model, K = Net::num_layers;
+
  public:
   explicit Bench(const Options& o) : opt_(o), sink_(o.out), net_(config(o)) {
     mem_limit_ = o.mem_limit_gib > 0 ? o.mem_limit_gib * double(1ull << 30) : 0.75 * physical_memory_bytes();
@@ -90,8 +100,8 @@ class Bench {
   }
 
  private:
-  static Net::Config config(const Options& o) {
-    Net::Config c;
+  static typename Net::Config config(const Options& o) {
+    typename Net::Config c;
     c.vocab = o.vocab;
     c.seed = o.seed;
     return c;
@@ -99,8 +109,8 @@ class Bench {
 
   std::string header(const std::string& kind, const std::string& s, index_t T) const {
     std::string h = "{\"name\":\"memory\",\"kind\":\"" + kind + "\",\"strategy\":\"" + s + "\",\"T\":" +
-                    std::to_string(T) + ",\"batch\":1,\"P\":" + std::to_string(P) + ",\"N\":" + std::to_string(N) +
-                    ",\"K\":" + std::to_string(K) + ",\"vocab\":" + std::to_string(opt_.vocab);
+                    std::to_string(T) + ",\"batch\":1,\"model\":\"" + opt_.model + "\",\"P\":" + std::to_string(P) +
+                    ",\"S\":" + std::to_string(ssmx::nn::state_numel(Net::layer_type::state_dims())) + ",\"K\":" + std::to_string(K) + ",\"vocab\":" + std::to_string(opt_.vocab);
     if (s == "adjoint") h += ",\"chunk\":" + std::to_string(opt_.chunk) + ",\"shard\":" + std::to_string(opt_.shard);
     if (s == "truncated") h += ",\"window\":" + std::to_string(opt_.window) + ",\"shard\":" + std::to_string(opt_.shard);
     h += ",\"threads\":" + std::to_string(threads());
@@ -214,14 +224,16 @@ class Bench {
 }  // namespace bench_memory
 
 int main(int argc, char** argv) {
-  CLI::App app{"bench_memory: peak tracked host memory of one forward+backward step per strategy.\n"
-               "Model<DiagonalSSM<float,256,16>,8>, vocab 256, batch 1."};
+  CLI::App app{"bench_memory: peak tracked host memory of one forward+backward step per strategy, batch 1."};
   bench_memory::Options o;
   bench_memory::add_options(app, o);
   CLI11_PARSE(app, argc, argv);
   bench_util::sort_unique(o.T);
   try {
-    bench_memory::Bench(o).run();
+    if (o.model == "mamba-130m")
+      bench_memory::Bench<bench_memory::Mamba130m>(o).run();
+    else
+      bench_memory::Bench<bench_memory::Diagonal>(o).run();
   } catch (const std::exception& e) {
     std::cerr << "bench_memory: " << e.what() << "\n";
     return 1;
