@@ -33,7 +33,9 @@ namespace ssmx::nn {
 //   L::inject(U)    -> expr [tokens, state...]
 //   L::readout(H,U) -> expr [tokens, d_model]
 // with U a [tokens, d_model] view of the normalised layer input and H a
-// [tokens, state...] view of the scan states.
+// [tokens, state...] view of the scan states. Optionally a feature stage (num_features,
+// halo, features(U_ext, tap_mask); see scan_layer.hpp and mamba.hpp), whose outputs the
+// three maps then take instead of U.
 template <class T, index_t P, index_t N>
 class DiagonalSSM {
   static_assert(P > 0 && N > 0, "DiagonalSSM: P (model width) and N (state size) must be positive");

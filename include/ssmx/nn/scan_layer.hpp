@@ -2,12 +2,16 @@
 // expressions (decay, inject, readout; see the ScanLayer concept in diagonal_ssm.hpp);
 // this file derives from them the forward scan and the whole backward pass:
 //
-//   forward   u = RMSNorm(y_in);  a = decay(u);  b = inject(u);  h = scan(a, b, h0)
-//             y_out = y_in + readout(h, u)
-//   backward  phase 1 (per shard):  readout VJP  -> dL/dh (direct part), dL/du, dθ
+//   forward   u = RMSNorm(y_in);  f = features(u with its halo rows)   (optional stage)
+//             a = decay(f);  b = inject(f);  h = scan(a, b, h0)   (a = 0 at document starts)
+//             y_out = y_in + readout(h, f)
+//   backward  phase 1 (per shard):  readout VJP  -> dL/dh (direct part), dL/df, dθ
 //             adjoint state:        δ^t = dL/dh^t + a^{t+1} ⊙ δ^{t+1}   (reverse scan)
-//             phase 2 (per shard):  decay VJP with δ ⊙ h^{t-1}, inject VJP with δ,
-//                                   RMSNorm VJP -> dL/dy_in, dθ
+//             phase 2 (per shard):  decay VJP with δ ⊙ h^{t-1}, inject VJP with δ
+//             phase 3 (per shard):  features VJP -> dL/du, the halo rows included
+//             phase 4 (per shard):  RMSNorm VJP -> dL/dy_in (and dL/d(halo rows) for the
+//                                   caller to add once the rows' owner has read G)
+// Without a feature stage f is u itself and phase 3 is empty.
 //
 // Once δ is known every token's VJP is independent (the paper's "sharding"): the tokens
 // of a stretch are cut into shards of fixed length run on OpenMP threads, each with its
