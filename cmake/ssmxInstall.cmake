@@ -25,6 +25,14 @@ if(TARGET ssmx_io)
   install(EXPORT ssmxIoTargets NAMESPACE ssmx:: DESTINATION "${SSMX_INSTALL_CMAKEDIR}")
 endif()
 
+# Likewise ssmx::dist, which needs MPI.
+set(SSMX_PACKAGE_HAS_DIST OFF)
+if(TARGET ssmx_dist)
+  set(SSMX_PACKAGE_HAS_DIST ON)
+  install(TARGETS ssmx_dist EXPORT ssmxDistTargets)
+  install(EXPORT ssmxDistTargets NAMESPACE ssmx:: DESTINATION "${SSMX_INSTALL_CMAKEDIR}")
+endif()
+
 install(DIRECTORY "${PROJECT_SOURCE_DIR}/include/ssmx" DESTINATION "${CMAKE_INSTALL_INCLUDEDIR}"
         FILES_MATCHING PATTERN "*.hpp" PATTERN "*.cuh" PATTERN "*.h")
 
