@@ -8,30 +8,21 @@ set(SSMX_INSTALL_CMAKEDIR "${CMAKE_INSTALL_LIBDIR}/cmake/ssmx" CACHE STRING
 install(TARGETS ssmx EXPORT ssmxTargets)
 install(EXPORT ssmxTargets NAMESPACE ssmx:: DESTINATION "${SSMX_INSTALL_CMAKEDIR}")
 
-# The CUDA target is a separate export set so that a consumer without the CUDA toolkit can
-# still use the host part of an install that was configured with CUDA.
-set(SSMX_PACKAGE_HAS_CUDA OFF)
-if(TARGET ssmx_cuda)
-  set(SSMX_PACKAGE_HAS_CUDA ON)
-  install(TARGETS ssmx_cuda EXPORT ssmxCudaTargets)
-  install(EXPORT ssmxCudaTargets NAMESPACE ssmx:: DESTINATION "${SSMX_INSTALL_CMAKEDIR}")
-endif()
-
-# Likewise ssmx::io, which needs nlohmann_json.
-set(SSMX_PACKAGE_HAS_IO OFF)
-if(TARGET ssmx_io)
-  set(SSMX_PACKAGE_HAS_IO ON)
-  install(TARGETS ssmx_io EXPORT ssmxIoTargets)
-  install(EXPORT ssmxIoTargets NAMESPACE ssmx:: DESTINATION "${SSMX_INSTALL_CMAKEDIR}")
-endif()
-
-# Likewise ssmx::dist, which needs MPI.
-set(SSMX_PACKAGE_HAS_DIST OFF)
-if(TARGET ssmx_dist)
-  set(SSMX_PACKAGE_HAS_DIST ON)
-  install(TARGETS ssmx_dist EXPORT ssmxDistTargets)
-  install(EXPORT ssmxDistTargets NAMESPACE ssmx:: DESTINATION "${SSMX_INSTALL_CMAKEDIR}")
-endif()
+# Each component (ssmx_add_component) is a separate export set, so that a consumer without
+# its dependency (the CUDA toolkit, nlohmann_json, MPI) can still use the rest of an
+# install that was configured with it. SSMX_PACKAGE_HAS_<NAME> feeds ssmxConfig.cmake.in.
+foreach(_component IN ITEMS cuda:Cuda io:Io dist:Dist)
+  string(REPLACE ":" ";" _parts "${_component}")
+  list(GET _parts 0 _name)
+  list(GET _parts 1 _export)
+  string(TOUPPER "${_name}" _upper)
+  set(SSMX_PACKAGE_HAS_${_upper} OFF)
+  if(TARGET ssmx_${_name})
+    set(SSMX_PACKAGE_HAS_${_upper} ON)
+    install(TARGETS ssmx_${_name} EXPORT ssmx${_export}Targets)
+    install(EXPORT ssmx${_export}Targets NAMESPACE ssmx:: DESTINATION "${SSMX_INSTALL_CMAKEDIR}")
+  endif()
+endforeach()
 
 install(DIRECTORY "${PROJECT_SOURCE_DIR}/include/ssmx" DESTINATION "${CMAKE_INSTALL_INCLUDEDIR}"
         FILES_MATCHING PATTERN "*.hpp" PATTERN "*.cuh" PATTERN "*.h")

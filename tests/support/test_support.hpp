@@ -36,11 +36,19 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <string>
 #include <type_traits>
 #include <vector>
+
+#if !SSMX_TEST_CUDA
+#include <stdlib.h>  // mkdtemp
+
+#include <filesystem>
+#include <system_error>
+#endif
 
 namespace ssmx::test {
 
@@ -169,5 +177,47 @@ Tensor<T> normal(const Dims& d, std::uint64_t seed, double mean = 0.0, double st
   fill_normal<T>(t.view(), rng, mean, stddev);
   return t;
 }
+
+// The bytes of n elements, for bit-identity checks (NaN-safe, unlike ==).
+template <class T>
+std::vector<unsigned char> bytes_of(const T* data, index_t n) {
+  std::vector<unsigned char> b(std::size_t(n) * sizeof(T));
+  if (n) std::memcpy(b.data(), data, b.size());
+  return b;
+}
+
+#if !SSMX_TEST_CUDA
+// A fresh directory under the system temp directory, removed with everything in it
+// (permissions restored first, so a test may make it read-only).
+class TempDir {
+ public:
+  explicit TempDir(const std::string& prefix = "ssmx_test") {
+    std::string tmpl = (std::filesystem::temp_directory_path() / (prefix + "_XXXXXX")).string();
+    const char* p = ::mkdtemp(tmpl.data());
+    REQUIRE(p != nullptr);
+    path_ = p;
+  }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::permissions(path_, std::filesystem::perms::owner_all, std::filesystem::perm_options::add, ec);
+    std::filesystem::remove_all(path_, ec);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+
+  const std::string& path() const { return path_; }
+  std::string file(const std::string& name) const { return path_ + "/" + name; }
+  // The names in the directory, sorted: shows that no temporary file was left behind.
+  std::vector<std::string> names() const {
+    std::vector<std::string> out;
+    for (const auto& e : std::filesystem::directory_iterator(path_)) out.push_back(e.path().filename().string());
+    std::sort(out.begin(), out.end());
+    return out;
+  }
+
+ private:
+  std::string path_;
+};
+#endif
 
 }  // namespace ssmx::test

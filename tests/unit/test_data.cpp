@@ -26,34 +26,7 @@ namespace fs = std::filesystem;
 
 static_assert(std::is_same_v<data::token_t, nn::token_t>, "data and nn must agree on the token type");
 
-// A fresh directory under the system temp directory, removed with everything in it.
-class TempDir {
- public:
-  TempDir() {
-    std::random_device rd;
-    for (int attempt = 0;; ++attempt) {
-      REQUIRE(attempt < 100);
-      path_ = fs::temp_directory_path() / ("ssmx_test_data_" + std::to_string(rd()) + "_" + std::to_string(rd()));
-      if (fs::create_directory(path_)) break;
-    }
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  std::string file(const std::string& name) const { return (path_ / name).string(); }
-  std::vector<std::string> names() const {
-    std::vector<std::string> out;
-    for (const auto& e : fs::directory_iterator(path_)) out.push_back(e.path().filename().string());
-    std::sort(out.begin(), out.end());
-    return out;
-  }
-
- private:
-  fs::path path_;
-};
+using ssmx::test::TempDir;
 
 using Bytes = std::vector<unsigned char>;
 

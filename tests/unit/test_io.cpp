@@ -8,7 +8,6 @@
 
 #if !SSMX_TEST_CUDA && __has_include(<nlohmann/json.hpp>)
 
-#include <stdlib.h>  // mkdtemp
 #include <unistd.h>  // geteuid
 
 #include <algorithm>
@@ -35,36 +34,8 @@ using ssmx::test::contains;
 using ssmx::test::message_of;
 namespace fs = std::filesystem;
 
-// A fresh directory under /tmp, removed with everything in it.
-class TempDir {
- public:
-  TempDir() {
-    char tmpl[] = "/tmp/ssmx_test_io_XXXXXX";
-    const char* p = ::mkdtemp(tmpl);
-    REQUIRE(p != nullptr);
-    path_ = p;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::permissions(path_, fs::perms::owner_all, fs::perm_options::add, ec);
-    fs::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-
-  const std::string& path() const { return path_; }
-  std::string file(const std::string& name) const { return path_ + "/" + name; }
-  // The names in the directory, to show that no temporary file was left behind.
-  std::vector<std::string> names() const {
-    std::vector<std::string> out;
-    for (const auto& e : fs::directory_iterator(path_)) out.push_back(e.path().filename().string());
-    std::sort(out.begin(), out.end());
-    return out;
-  }
-
- private:
-  std::string path_;
-};
+using ssmx::test::bytes_of;
+using ssmx::test::TempDir;
 
 inline void write_bytes(const std::string& path, const std::string& bytes) {
   std::ofstream out(path, std::ios::binary);
@@ -98,12 +69,6 @@ inline std::string safetensors_bytes(const std::string& header, const std::strin
   return le(header.size(), 8) + header + data;
 }
 
-template <class T>
-std::vector<unsigned char> bytes_of(const T* data, index_t n) {
-  std::vector<unsigned char> b(std::size_t(n) * sizeof(T));
-  if (n) std::memcpy(b.data(), data, b.size());
-  return b;
-}
 
 // Owns parameters and hands out the ParameterList the io functions take.
 template <class T>

@@ -49,12 +49,7 @@ std::vector<double> values_of(const Tensor<T>& t) {
 }
 
 // Every value, gradient and state tensor as raw bytes, for bit-identity checks (NaN-safe).
-template <class T>
-std::vector<unsigned char> bytes_of(const T* data, index_t n) {
-  std::vector<unsigned char> b(std::size_t(n) * sizeof(T));
-  if (n) std::memcpy(b.data(), data, b.size());
-  return b;
-}
+using ssmx::test::bytes_of;
 template <class T>
 std::vector<std::vector<unsigned char>> snapshot_params(const ParameterList<T>& params) {
   std::vector<std::vector<unsigned char>> s;

@@ -104,7 +104,6 @@ nn::TrainStepResult data_parallel_train_step(Model& model, Optimizer& opt, Commu
                                              const nn::StepOptions& so = {},
                                              nn::LayerStates<typename Model::T>* states = nullptr,
                                              std::size_t bucket_bytes = default_bucket_bytes) {
-  using T = typename Model::T;
   model.zero_grad();
   nn::StepResult local;
   std::exception_ptr failure;
@@ -139,11 +138,8 @@ nn::TrainStepResult data_parallel_train_step(Model& model, Optimizer& opt, Commu
                "): the parameters were left unchanged");
   const auto params = model.parameters();
   allreduce_gradients(comm, params, bucket_bytes);
-  const T scale = T(1.0 / double(r.tokens));
-  for (auto* p : params) assign(p->grad.view(), leaf(p->grad) * scale);
-  // Both throw on a non-finite gradient before anything changes, on every rank alike.
-  r.grad_norm = so.clip_norm > 0 ? double(clip_grad_norm(params, T(so.clip_norm))) : double(global_grad_norm(params));
-  opt.step(params);
+  // The sums are the same on every rank, so a non-finite gradient throws on every rank alike.
+  r.grad_norm = nn::mean_loss_update(params, opt, r.tokens, so);
   return r;
 }
 

@@ -116,7 +116,7 @@ void load_mamba(nn::Model<nn::Mamba<T, D, N, X, W, R>, K>& model, const std::str
   const MambaConfig c = read_mamba_config(dir);
   check_mamba_config(c, model);
   const SafetensorsShards shards = SafetensorsShards::open_dir(dir);
-  const bool tied = model.parameters().back()->name != "lm_head.weight";
+  const bool tied = model.tied_embeddings();
   SSMX_REQUIRE(tied == c.tie_embeddings, ValueError, c.file, ": tie_word_embeddings is ",
                c.tie_embeddings ? "true" : "false", " but the model was built with tie_embeddings = ",
                tied ? "true" : "false");

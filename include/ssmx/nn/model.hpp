@@ -109,6 +109,7 @@ class Model {
   }
 
   index_t vocab() const { return cfg_.vocab; }
+  bool tied_embeddings() const { return !head_; }  // the LM head reads the embedding matrix
   Block<Layer>& block(index_t k) { return *blocks_[std::size_t(k)]; }
   Embedding<T>& embedding() { return embedding_; }
 
@@ -202,9 +203,10 @@ class Model {
           y = std::move(y_out);
           state[std::size_t(k)] = std::move(next_state);
         }
-        if (logits_out) {
+        if (logits_out) {  // no targets to score: the logits only
           Tensor<T> l = eval(matmul(rms_norm(CV(y.view()), norm_f_.weight.value, norm_f_.eps), head_view()));
           std::copy_n(l.data(), n * cfg_.vocab, logits_out->data() + (b * T_ + c0) * cfg_.vocab);
+          continue;
         }
         StepResult r = head_loss(CV(y.view()), batch.targets + b * T_ + c0, nullptr);
         total.loss += r.loss;

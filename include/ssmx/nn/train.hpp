@@ -15,6 +15,20 @@ struct TrainStepResult : StepResult {
   double grad_norm = 0;  // of the mean-loss gradient, before clipping
 };
 
+// The update of a step whose summed-loss gradients over `tokens` target tokens are in
+// each parameter's grad: scale them to the mean loss, clip the global norm, step the
+// optimiser. Returns the norm before clipping. Clipping and the optimiser throw on a
+// non-finite gradient before anything changes.
+template <class T, class Optimizer>
+double mean_loss_update(const ParameterList<T>& params, Optimizer& opt, index_t tokens, const StepOptions& so) {
+  const T scale = T(1.0 / double(tokens));
+  for (auto* p : params) assign(p->grad.view(), leaf(p->grad) * scale);
+  const double norm =
+      so.clip_norm > 0 ? double(clip_grad_norm(params, T(so.clip_norm))) : double(global_grad_norm(params));
+  opt.step(params);
+  return norm;
+}
+
 // zero_grad, forward+backward with `strategy`, gradients of the mean loss over the batch's
 // target tokens, clipping, one optimiser update. `states` carries recurrent state in and
 // out as in Model::forward_backward (e.g. rows that continue a document from the previous
@@ -23,16 +37,11 @@ struct TrainStepResult : StepResult {
 template <class Model, class Optimizer, class Strategy = Adjoint>
 TrainStepResult train_step(Model& model, Optimizer& opt, const Batch& batch, const Strategy& strategy = {},
                            const StepOptions& so = {}, LayerStates<typename Model::T>* states = nullptr) {
-  using T = typename Model::T;
   model.zero_grad();
   TrainStepResult r;
   static_cast<StepResult&>(r) = model.forward_backward(batch, strategy, states);
   SSMX_REQUIRE(r.tokens > 0, ValueError, "train_step: the batch has no target tokens (all targets are -1)");
-  const auto params = model.parameters();
-  const T scale = T(1.0 / double(r.tokens));
-  for (auto* p : params) assign(p->grad.view(), leaf(p->grad) * scale);
-  r.grad_norm = so.clip_norm > 0 ? double(clip_grad_norm(params, T(so.clip_norm))) : double(global_grad_norm(params));
-  opt.step(params);
+  r.grad_norm = mean_loss_update(model.parameters(), opt, r.tokens, so);
   return r;
 }
 
