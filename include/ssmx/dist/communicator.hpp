@@ -269,6 +269,49 @@ class Communicator {
     SSMX_REQUIRE(got == n, DistError, "recv from rank ", source, ": expected ", n, " elements, received ", got);
   }
 
+  // Sends `out` to `dest` while receiving exactly in.numel() elements from `source`; either
+  // peer may be no_rank (nothing sent or received). Neighbours exchanging along a chain
+  // (r -> r+1) all proceed at once, without the send of one waiting on the next.
+  static constexpr int no_rank = -1;
+  template <class T>
+  void sendrecv(TensorView<const T> out, int dest, TensorView<T> in, int source, int tag = 0) {
+    ensure_usable("sendrecv");
+    MPI_Request reqs[2] = {MPI_REQUEST_NULL, MPI_REQUEST_NULL};
+    int n_in = 0;
+    if (source != no_rank) {
+      require_contiguous(in, "sendrecv");
+      require_rank(source, "sendrecv: source");
+      n_in = checked_count(in.numel(), "sendrecv");
+      begin("MPI_Irecv", MPI_Irecv(in.data(), n_in, detail::mpi_type<T>(), source, tag, comm_, &reqs[0]));
+    }
+    if (dest != no_rank) {
+      require_contiguous(out, "sendrecv");
+      require_rank(dest, "sendrecv: destination");
+      begin("MPI_Isend", MPI_Isend(out.data(), checked_count(out.numel(), "sendrecv"), detail::mpi_type<T>(), dest, tag,
+                                   comm_, &reqs[1]));
+    }
+    if (source != no_rank) {
+      MPI_Status status;
+      wait(reqs[0], "sendrecv", ::ssmx::detail::str("rank ", source).c_str(), &status);
+      int got = 0;
+      detail::check(MPI_Get_count(&status, detail::mpi_type<T>(), &got), "MPI_Get_count");
+      SSMX_REQUIRE(got == n_in, DistError, "sendrecv from rank ", source, ": expected ", n_in, " elements, received ", got);
+    }
+    if (dest != no_rank) wait(reqs[1], "sendrecv", ::ssmx::detail::str("rank ", dest).c_str());
+  }
+
+  // A communicator over the ranks passing the same `color`, ordered by `key` (collective;
+  // MPI_Comm_split), e.g. data-parallel groups of sharded ranks.
+  Communicator split(int color, int key) const {
+    ensure_usable("split");
+    MPI_Comm part = MPI_COMM_NULL;
+    detail::check(MPI_Comm_split(comm_, color, key, &part), "MPI_Comm_split");
+    Communicator c(part);
+    MPI_Comm_free(&part);
+    c.timeout_ = timeout_;
+    return c;
+  }
+
   // Throws DistError on every rank unless every rank passed the same value (e.g. a hash of
   // the model configuration). The message names `what` and each rank's value.
   void check_same(const std::string& what, std::uint64_t value) {

@@ -88,6 +88,63 @@ void allreduce_gradients(Communicator& comm, const ParameterList<T>& params,
   flush();
 }
 
+namespace detail {
+
+// Sums a step's local totals over `comm` with every rank's failure flag. If any rank
+// failed, every rank zeroes its gradients (`zero_grad`) and throws: the failing rank its
+// own error, the others DistError naming it. `who` names the step in the message.
+template <class ZeroGrad>
+nn::StepResult agree_on_totals(Communicator& comm, const nn::StepResult& local, const std::exception_ptr& failure,
+                               const char* who, ZeroGrad&& zero_grad) {
+  // [loss, tokens, correct, failed flag of each rank], in double: counts stay exact below 2^53.
+  std::vector<double> totals(3 + std::size_t(comm.size()), 0.0);
+  totals[0] = local.loss;
+  totals[1] = double(local.tokens);
+  totals[2] = double(local.correct);
+  if (failure) totals[3 + std::size_t(comm.rank())] = 1.0;
+  comm.allreduce_sum(totals.data(), totals.size());
+  std::string failed;
+  for (int q = 0; q < comm.size(); ++q)
+    if (totals[3 + std::size_t(q)] != 0.0) failed += ::ssmx::detail::str(failed.empty() ? "" : ", ", q);
+  if (!failed.empty()) {
+    zero_grad();
+    if (failure) std::rethrow_exception(failure);
+    throw DistError(::ssmx::detail::str(who, ": forward_backward failed on rank(s) ", failed,
+                                        "; the parameters were left unchanged on every rank"));
+  }
+  nn::StepResult r;
+  r.loss = totals[0];
+  r.tokens = index_t(totals[1]);
+  r.correct = index_t(totals[2]);
+  return r;
+}
+
+// The checks of a summed step result, identical on every rank (the sums are).
+inline void check_step_totals(const nn::StepResult& r, const char* who) {
+  SSMX_REQUIRE(r.tokens > 0, ValueError, who, ": the batch has no target tokens on any rank (all targets are -1)");
+  SSMX_REQUIRE(std::isfinite(r.loss), ValueError, who, ": the summed loss is not finite (", r.loss,
+               "): the parameters were left unchanged");
+}
+
+// Runs `body` (this rank's part of a forward/backward), catching its failure, then agrees
+// on the totals over `comm` and, when given, over `replicas` (data-parallel copies).
+template <class Model, class Body>
+nn::StepResult run_agreed(Model& model, Communicator& comm, Communicator* replicas, const char* who, Body&& body) {
+  nn::StepResult local;
+  std::exception_ptr failure;
+  try {
+    local = body();
+  } catch (...) {
+    failure = std::current_exception();
+  }
+  auto zero = [&] { model.zero_grad(); };
+  nn::StepResult r = agree_on_totals(comm, local, failure, who, zero);
+  if (replicas) r = agree_on_totals(*replicas, r, nullptr, who, zero);
+  return r;
+}
+
+}  // namespace detail
+
 // One data-parallel optimisation step. Every rank passes its own rows (local_batch; a
 // rank may have none: batch = 0) and runs forward_backward on them; the gradient sums,
 // losses, token and correct counts are all-reduced; then the mean-loss scaling, clipping
@@ -104,38 +161,13 @@ nn::TrainStepResult data_parallel_train_step(Model& model, Optimizer& opt, Commu
                                              const nn::StepOptions& so = {},
                                              nn::LayerStates<typename Model::T>* states = nullptr,
                                              std::size_t bucket_bytes = default_bucket_bytes) {
+  constexpr const char* who = "data_parallel_train_step";
   model.zero_grad();
-  nn::StepResult local;
-  std::exception_ptr failure;
-  try {
-    if (local_batch.batch > 0) local = model.forward_backward(local_batch, strategy, states);
-  } catch (...) {
-    failure = std::current_exception();
-  }
-  // [loss, tokens, correct, failed flag of each rank], in double: counts stay exact below 2^53.
-  std::vector<double> totals(3 + std::size_t(comm.size()), 0.0);
-  totals[0] = local.loss;
-  totals[1] = double(local.tokens);
-  totals[2] = double(local.correct);
-  if (failure) totals[3 + std::size_t(comm.rank())] = 1.0;
-  comm.allreduce_sum(totals.data(), totals.size());
-  std::string failed;
-  for (int q = 0; q < comm.size(); ++q)
-    if (totals[3 + std::size_t(q)] != 0.0) failed += ::ssmx::detail::str(failed.empty() ? "" : ", ", q);
-  if (!failed.empty()) {
-    model.zero_grad();
-    if (failure) std::rethrow_exception(failure);
-    throw DistError(::ssmx::detail::str("data_parallel_train_step: forward_backward failed on rank(s) ", failed,
-                                        "; the parameters were left unchanged on every rank"));
-  }
   nn::TrainStepResult r;
-  r.loss = totals[0];
-  r.tokens = index_t(totals[1]);
-  r.correct = index_t(totals[2]);
-  SSMX_REQUIRE(r.tokens > 0, ValueError,
-               "data_parallel_train_step: the batch has no target tokens on any rank (all targets are -1)");
-  SSMX_REQUIRE(std::isfinite(r.loss), ValueError, "data_parallel_train_step: the summed loss is not finite (", r.loss,
-               "): the parameters were left unchanged");
+  static_cast<nn::StepResult&>(r) = detail::run_agreed(model, comm, nullptr, who, [&] {
+    return local_batch.batch > 0 ? model.forward_backward(local_batch, strategy, states) : nn::StepResult{};
+  });
+  detail::check_step_totals(r, who);
   const auto params = model.parameters();
   allreduce_gradients(comm, params, bucket_bytes);
   // The sums are the same on every rank, so a non-finite gradient throws on every rank alike.

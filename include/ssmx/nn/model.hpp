@@ -20,6 +20,7 @@
 #include <optional>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../adjoint/strategy.hpp"
@@ -75,6 +76,48 @@ struct LayerStates {
   std::vector<Tensor<T>> initial_halo_grad;
 };
 
+// How one process's part of a distributed forward/backward pass meets the other processes'
+// parts (ssmx::dist implements it over MPI; see dist/layer_parallel.hpp and
+// dist/sequence_parallel.hpp). A model holding layers [b, e) (Config::layer_begin/end)
+// receives layer b's input and sends layer e-1's output, and in the backward pass receives
+// dL/d(output) and sends dL/d(input): layer sharding. A link that splits tokens hands this
+// process tokens [t0, t1) of every sequence: sequence sharding, where each layer's scan
+// carry and convolution halo cross to the neighbouring processes. The default methods do
+// nothing: one process, all tokens.
+template <class T>
+class SequenceLink {
+ public:
+  virtual ~SequenceLink() = default;
+
+  // ---- sequence sharding ----
+  virtual bool splits_tokens() const { return false; }
+  // This process's tokens [t0, t1) of a sequence of seq_len tokens.
+  virtual std::pair<index_t, index_t> tokens(index_t seq_len) const { return {0, seq_len}; }
+  // Whether this process holds the sequence's first token (reads LayerStates' initial
+  // states) and its last one (reads final_grad and final_halo_grad).
+  virtual bool first() const { return true; }
+  virtual bool last() const { return true; }
+  // Layer k's input: send `tail` (this process's last halo rows) to the next process and
+  // receive the previous process's into `rows` (layer k's rows before t0), [halo, P].
+  virtual void exchange_halo(index_t k, TensorView<const T> tail, TensorView<T> rows) { (void)k, (void)tail, (void)rows; }
+  // Layer k's scan carry. `ab` ([2, S]) holds this process's tokens as the affine map
+  // h -> (Π a) h + b of the state before them; replace it with the composition of the
+  // maps of the processes before (forward) or, for the adjoint, after (backward).
+  virtual void forward_carry(index_t k, TensorView<T> ab) { (void)k, (void)ab; }
+  virtual void backward_carry(index_t k, TensorView<T> ab) { (void)k, (void)ab; }
+  // dL/d(layer k's rows before t0), [halo, P], goes to the previous process; the next
+  // process's is added into `rows` (dL/d of this process's last halo input rows).
+  virtual void exchange_halo_grad(index_t k, TensorView<const T> grad, TensorView<T> rows) {
+    (void)k, (void)grad, (void)rows;
+  }
+
+  // ---- layer sharding ----
+  virtual void receive_input(TensorView<T> y) { (void)y; }        // y_{b-1}, [n, P]
+  virtual void send_output(TensorView<const T> y) { (void)y; }    // y_{e-1}, [n, P]
+  virtual void receive_grad(TensorView<T> g) { (void)g; }         // dL/dy_{e-1}, [n, P]
+  virtual void send_grad(TensorView<const T> g) { (void)g; }      // dL/dy_{b-1}, [n, P]
+};
+
 template <class Layer, index_t K>
 class Model {
   static_assert(K >= 1, "Model: the number of layers K must be at least 1");
@@ -89,55 +132,113 @@ class Model {
     index_t vocab = 256;
     bool tie_embeddings = true;
     std::uint64_t seed = 0;
+    // Layer sharding: this process holds layers [layer_begin, layer_end) (-1: K) and only
+    // their parameters; the embedding when layer_begin == 0 (or tied and layer_end == K),
+    // the final norm and the head when layer_end == K. Initial values are those of the
+    // whole model with the same seed.
+    index_t layer_begin = 0;
+    index_t layer_end = -1;
   };
 
-  explicit Model(const Config& cfg) : cfg_(cfg), embedding_("embedding.weight", cfg.vocab, d_model), norm_f_("norm_f.weight", d_model) {
+  explicit Model(const Config& cfg) : cfg_(cfg), norm_f_("norm_f.weight", d_model) {
     SSMX_REQUIRE(cfg.vocab > 0, ValueError, "Model: vocab must be positive, got ", cfg.vocab);
-    for (index_t k = 0; k < K; ++k)
-      blocks_.push_back(std::make_unique<Block<Layer>>("layers." + std::to_string(k) + "."));
-    if (!cfg.tie_embeddings) head_.emplace("lm_head.weight", Dims{d_model, cfg.vocab});
+    kb_ = cfg.layer_begin;
+    ke_ = cfg.layer_end < 0 ? K : cfg.layer_end;
+    SSMX_REQUIRE(kb_ >= 0 && kb_ < ke_ && ke_ <= K, ValueError, "Model: layers [", cfg.layer_begin, ", ",
+                 cfg.layer_end, ") is not a non-empty range of the model's ", K, " layers");
+    cfg_.layer_end = ke_;
     std::mt19937_64 rng(cfg.seed);
-    // Embeddings ~ N(0, 1/P): the tied head then starts with logits of unit scale.
+    // Embeddings ~ N(0, 1/P): the tied head then starts with logits of unit scale. Parts
+    // this process does not hold still draw their numbers, so every part gets the values
+    // of the whole model.
     std::normal_distribution<double> nd(0.0, 1.0 / std::sqrt(double(d_model)));
-    for (index_t i = 0; i < embedding_.weight.numel(); ++i) embedding_.weight.value[i] = T(nd(rng));
-    if (head_) {
-      std::normal_distribution<double> hd(0.0, 1.0 / std::sqrt(double(d_model)));
-      for (index_t i = 0; i < head_->numel(); ++i) head_->value[i] = T(hd(rng));
+    auto draw = [&](Parameter<T>* p, index_t count) {
+      for (index_t i = 0; i < count; ++i) {
+        const T v = T(nd(rng));
+        if (p) p->value[i] = v;
+      }
+    };
+    if (holds_embedding()) embedding_.emplace("embedding.weight", cfg.vocab, d_model);
+    draw(embedding_ ? &embedding_->weight : nullptr, cfg.vocab * d_model);
+    if (!cfg.tie_embeddings) {
+      if (holds_head()) head_.emplace("lm_head.weight", Dims{d_model, cfg.vocab});
+      draw(head_ ? &*head_ : nullptr, d_model * cfg.vocab);
     }
-    for (auto& b : blocks_) b->mixer.init(rng);
+    for (index_t k = 0; k < K; ++k) {
+      auto blk = std::make_unique<Block<Layer>>("layers." + std::to_string(k) + ".");
+      blk->mixer.init(rng);
+      blocks_.push_back(holds_layer(k) ? std::move(blk) : nullptr);
+    }
     zero_grad();
   }
 
   index_t vocab() const { return cfg_.vocab; }
-  bool tied_embeddings() const { return !head_; }  // the LM head reads the embedding matrix
-  Block<Layer>& block(index_t k) { return *blocks_[std::size_t(k)]; }
-  Embedding<T>& embedding() { return embedding_; }
+  bool tied_embeddings() const { return cfg_.tie_embeddings; }  // the LM head reads the embedding matrix
+  // The part this process holds (everything unless Config::layer_begin/layer_end say so).
+  index_t layer_begin() const { return kb_; }
+  index_t layer_end() const { return ke_; }
+  bool holds_all() const { return kb_ == 0 && ke_ == K; }
+  bool holds_layer(index_t k) const { return k >= kb_ && k < ke_; }
+  bool holds_embedding() const { return kb_ == 0 || (cfg_.tie_embeddings && ke_ == K); }
+  bool holds_head() const { return ke_ == K; }  // the final norm and the head (or the tied embedding)
+  Block<Layer>& block(index_t k) {
+    SSMX_REQUIRE(holds_layer(k), ValueError, "Model::block(", k, "): this model holds layers [", kb_, ", ", ke_, ")");
+    return *blocks_[std::size_t(k)];
+  }
+  Embedding<T>& embedding() {
+    SSMX_REQUIRE(embedding_.has_value(), ValueError, "Model::embedding(): this model holds layers [", kb_, ", ", ke_,
+                 ") of ", K, " and not the embedding");
+    return *embedding_;
+  }
 
-  // All parameters in a fixed order: embedding, blocks, final norm, head.
+  // All parameters held, in a fixed order: embedding, blocks, final norm, head.
   ParameterList<T> parameters() {
-    ParameterList<T> p{&embedding_.weight};
+    ParameterList<T> p;
+    if (embedding_) p.push_back(&embedding_->weight);
     for (auto& b : blocks_)
-      for (auto* q : b->parameters()) p.push_back(q);
-    p.push_back(&norm_f_.weight);
+      if (b)
+        for (auto* q : b->parameters()) p.push_back(q);
+    if (holds_head()) p.push_back(&norm_f_.weight);
     if (head_) p.push_back(&*head_);
     return p;
   }
   void zero_grad() { ssmx::zero_grad(parameters()); }
 
   // Forward and backward over a batch; gradients of the summed loss are added to grads.
+  // With a `link` (dist/), runs this process's part of a distributed pass: the result
+  // counts this process's loss terms only, and the caller checks the summed loss.
   template <class Strategy = Adjoint>
-  StepResult forward_backward(const Batch& batch, const Strategy& strategy = {}, LayerStates<T>* states = nullptr) {
+  StepResult forward_backward(const Batch& batch, const Strategy& strategy = {}, LayerStates<T>* states = nullptr,
+                              SequenceLink<T>* link = nullptr) {
     check_batch(batch);
+    SSMX_REQUIRE(link || holds_all(), ValueError, "forward_backward: this model holds layers [", kb_, ", ", ke_,
+                 ") of ", K, "; run it through ssmx::dist::layer_parallel_train_step");
     prepare_states(batch, states);
     StepResult total;
     for (index_t b = 0; b < batch.batch; ++b) {
-      StepResult r = sequence(batch, b, strategy, states);
+      StepResult r = sequence(batch, b, strategy, states, link, true);
       total.loss += r.loss;
       total.tokens += r.tokens;
       total.correct += r.correct;
     }
-    SSMX_REQUIRE(std::isfinite(total.loss), ValueError, "loss is not finite (", total.loss,
-                 "): the parameters were left unchanged; lower the learning rate or check the data");
+    if (!link)
+      SSMX_REQUIRE(std::isfinite(total.loss), ValueError, "loss is not finite (", total.loss,
+                   "): the parameters were left unchanged; lower the learning rate or check the data");
+    return total;
+  }
+
+  // This process's part of a distributed forward pass (no gradients): loss and accuracy of
+  // the tokens it scores. Memory: two layers' inputs over the process's tokens.
+  StepResult forward(const Batch& batch, SequenceLink<T>& link, LayerStates<T>* states = nullptr) {
+    check_batch(batch);
+    prepare_states(batch, states);
+    StepResult total;
+    for (index_t b = 0; b < batch.batch; ++b) {
+      StepResult r = sequence(batch, b, Adjoint{}, states, &link, false);
+      total.loss += r.loss;
+      total.tokens += r.tokens;
+      total.correct += r.correct;
+    }
     return total;
   }
 
@@ -163,7 +264,8 @@ class Model {
   // layer_norm_epsilon.
   void set_norm_eps(double eps) {
     SSMX_REQUIRE(eps > 0 && std::isfinite(eps), ValueError, "set_norm_eps: eps must be finite and > 0, got ", eps);
-    for (auto& b : blocks_) b->norm.eps = eps;
+    for (auto& b : blocks_)
+      if (b) b->norm.eps = eps;
     norm_f_.eps = eps;
   }
 
@@ -174,6 +276,8 @@ class Model {
   // when `logits_out` ([batch, seq_len, vocab]) is given.
   StepResult stream(const Batch& batch, index_t chunk, LayerStates<T>* states, Tensor<T>* logits_out) {
     check_batch(batch);
+    SSMX_REQUIRE(holds_all(), ValueError, "evaluate/logits: this model holds layers [", kb_, ", ", ke_, ") of ", K,
+                 "; use ssmx::dist::layer_parallel_evaluate");
     SSMX_REQUIRE(chunk > 0, ValueError, "evaluate: chunk must be positive, got ", chunk);
     prepare_states(batch, states);
     const index_t S = state_numel(Layer::state_dims()), T_ = batch.seq_len;
@@ -190,7 +294,7 @@ class Model {
       for (index_t c0 = 0; c0 < T_; c0 += chunk) {
         const index_t c1 = std::min(T_, c0 + chunk), n = c1 - c0;
         Tensor<T> y(Dims{halo + n, d_model}, Tag::Activations);  // layer input, its halo rows first
-        embedding_.forward(batch.inputs + b * T_ + c0, n, y.view().slice(halo, halo + n));
+        embedding_->forward(batch.inputs + b * T_ + c0, n, y.view().slice(halo, halo + n));
         for (index_t k = 0; k < K; ++k) {
           std::copy(tail[std::size_t(k)].data(), tail[std::size_t(k)].data() + halo * d_model, y.data());
           Stretch<Layer> st;
@@ -244,7 +348,7 @@ class Model {
     auto check = [&](const std::vector<Tensor<T>>& v, const Dims& d, const char* what) {
       SSMX_REQUIRE(v.empty() || index_t(v.size()) == K, ShapeError, "LayerStates: ", v.size(), " ", what,
                    " tensors for ", K, " layers");
-      for (const auto& t : v) check_dims(t.dims(), d, what);
+      for (index_t k = kb_; k < ke_ && !v.empty(); ++k) check_dims(v[std::size_t(k)].dims(), d, what);
     };
     check(states->initial, Dims{B, S}, "initial state");
     check(states->final_grad, Dims{B, S}, "final state gradient");
@@ -256,12 +360,14 @@ class Model {
     states->final_halo.clear();
     states->initial_grad.clear();
     states->initial_halo_grad.clear();
+    // Layers this process does not hold get empty tensors.
     for (index_t k = 0; k < K; ++k) {
-      states->final_states.push_back(zeros<T>(Dims{B, S}, Tag::Activations));
-      states->initial_grad.push_back(zeros<T>(Dims{B, S}, Tag::Gradients));
+      const bool held = holds_layer(k);
+      states->final_states.push_back(held ? zeros<T>(Dims{B, S}, Tag::Activations) : Tensor<T>());
+      states->initial_grad.push_back(held ? zeros<T>(Dims{B, S}, Tag::Gradients) : Tensor<T>());
       if (halo > 0) {
-        states->final_halo.push_back(zeros<T>(Dims{B, halo, d_model}, Tag::Activations));
-        states->initial_halo_grad.push_back(zeros<T>(Dims{B, halo, d_model}, Tag::Gradients));
+        states->final_halo.push_back(held ? zeros<T>(Dims{B, halo, d_model}, Tag::Activations) : Tensor<T>());
+        states->initial_halo_grad.push_back(held ? zeros<T>(Dims{B, halo, d_model}, Tag::Gradients) : Tensor<T>());
       }
     }
   }
@@ -331,19 +437,22 @@ class Model {
   // The head as a [P, vocab] view: W itself, or (tied) Eᵀ read in place through strides.
   CV head_view() const {
     if (head_) return head_->value.view();
-    return CV(embedding_.weight.value.data(), Dims{d_model, cfg_.vocab}, {1, d_model, 0, 0});
+    return CV(embedding_->weight.value.data(), Dims{d_model, cfg_.vocab}, {1, d_model, 0, 0});
   }
   TensorView<T> head_grad_view() {
     if (head_) return head_->grad.view();
-    return TensorView<T>(embedding_.weight.grad.data(), Dims{d_model, cfg_.vocab}, {1, d_model, 0, 0});
+    return TensorView<T>(embedding_->weight.grad.data(), Dims{d_model, cfg_.vocab}, {1, d_model, 0, 0});
   }
 
-  // One sequence: forward storing what the strategy stores, then backward.
+  // One sequence: forward storing what the strategy stores, then backward (unless
+  // with_backward is false). With a link: this process's layers and tokens only.
   template <class Strategy>
-  StepResult sequence(const Batch& batch, index_t b, const Strategy& strategy, LayerStates<T>* states);
+  StepResult sequence(const Batch& batch, index_t b, const Strategy& strategy, LayerStates<T>* states,
+                      SequenceLink<T>* link, bool with_backward);
 
   Config cfg_;
-  Embedding<T> embedding_;
+  index_t kb_ = 0, ke_ = K;  // the layers held
+  std::optional<Embedding<T>> embedding_;
   std::vector<std::unique_ptr<Block<Layer>>> blocks_;
   RMSNorm<T> norm_f_;
   std::optional<Parameter<T>> head_;
@@ -351,7 +460,8 @@ class Model {
 
 template <class Layer, index_t K>
 template <class Strategy>
-StepResult Model<Layer, K>::sequence(const Batch& batch, index_t b, const Strategy& strategy, LayerStates<T>* states) {
+StepResult Model<Layer, K>::sequence(const Batch& batch, index_t b, const Strategy& strategy, LayerStates<T>* states,
+                                     SequenceLink<T>* link, bool with_backward) {
   constexpr bool backprop = std::is_same_v<Strategy, Backprop>;
   constexpr bool paper = std::is_same_v<Strategy, PaperAdjoint>;
   constexpr bool truncated = std::is_same_v<Strategy, TruncatedAdjoint>;
@@ -359,11 +469,21 @@ StepResult Model<Layer, K>::sequence(const Batch& batch, index_t b, const Strate
                     std::is_same_v<Strategy, Checkpointed>,
                 "forward_backward: the strategy must be Backprop, Checkpointed, Adjoint, TruncatedAdjoint or PaperAdjoint");
   const Dims sd = Layer::state_dims();
-  const index_t n_tok = batch.seq_len, S = state_numel(sd), P = d_model, HP = halo * d_model;
-  const token_t* inputs = batch.inputs + b * n_tok;
-  const token_t* targets = batch.targets + b * n_tok;
+  const auto [t0, t1] = link ? link->tokens(batch.seq_len) : std::pair<index_t, index_t>{0, batch.seq_len};
+  const bool split = link && link->splits_tokens();
+  SSMX_REQUIRE((!split || std::is_same_v<Strategy, Adjoint>), ValueError,
+               "sequence sharding: the strategy must be Adjoint (exact, chunked)");
+  SSMX_REQUIRE(t0 >= 0 && t1 <= batch.seq_len && t1 - t0 >= (split ? std::max<index_t>(1, halo) : 1), ValueError,
+               "forward_backward: this process's tokens [", t0, ", ", t1, ") of ", batch.seq_len, " must hold at least ",
+               split ? std::max<index_t>(1, halo) : 1, " token(s) (the layer's convolution halo is ", halo, ")");
+  // Whether this process holds the sequence's first and last token (LayerStates' ends).
+  const bool first = !split || link->first(), final_tok = !split || link->last();
+  const index_t n_tok = t1 - t0, S = state_numel(sd), P = d_model, HP = halo * d_model;
+  const index_t kb = kb_, ke = ke_;
+  const token_t* inputs = batch.inputs + b * batch.seq_len + t0;
+  const token_t* targets = batch.targets + b * batch.seq_len + t0;
   std::vector<index_t> since;
-  const Resets resets = sequence_resets(batch, b, since);
+  const Resets resets = sequence_resets(batch, b, since).offset(t0);
 
   // Chunk length of the stored boundary states and of the backward pass.
   index_t chunk = n_tok, shard = n_tok;
@@ -381,42 +501,71 @@ StepResult Model<Layer, K>::sequence(const Batch& batch, index_t b, const Strate
     SSMX_REQUIRE(strategy.window >= 0, ValueError, "PaperAdjoint: window must be >= 0, got ", strategy.window);
   }
   const index_t nchunks = (n_tok + chunk - 1) / chunk;
+  auto row_of = [](Tensor<T>& t, index_t r, index_t width) { return t.data() + r * width; };
 
   // ---- forward: store each layer's input (after its halo rows) and its chunk-boundary states ----
-  std::vector<Tensor<T>> Y;  // Y[k]: input of layer k, [halo + T, P]; rows [0, halo) come before token 0
+  std::vector<Tensor<T>> Y(static_cast<std::size_t>(K + 1));  // Y[k]: input of layer k, [halo + n, P]; rows [0, halo) come before t0
   auto new_input = [&](index_t k) {
-    Y.push_back(zeros<T>(Dims{halo + n_tok, P}, Tag::Activations));
-    if (states && !states->initial_halo.empty())
-      std::copy_n(states->initial_halo[std::size_t(k)].data() + b * HP, HP, Y.back().data());
+    Y[std::size_t(k)] = zeros<T>(Dims{halo + n_tok, P}, Tag::Activations);
+    if (states && first && !states->initial_halo.empty() && k < K)
+      std::copy_n(states->initial_halo[std::size_t(k)].data() + b * HP, HP, Y[std::size_t(k)].data());
   };
-  new_input(0);
-  embedding_.forward(inputs, n_tok, Y[0].view().slice(halo, halo + n_tok));
-  std::vector<Tensor<T>> bnd;  // bnd[k]: [nchunks, S], the state before each chunk
+  new_input(kb);
+  if (kb == 0)
+    embedding_->forward(inputs, n_tok, Y[0].view().slice(halo, halo + n_tok));
+  else
+    link->receive_input(Y[std::size_t(kb)].view().slice(halo, halo + n_tok));
+  std::vector<Tensor<T>> bnd(static_cast<std::size_t>(K));        // bnd[k]: [nchunks, S], the state before each chunk
+  std::vector<Tensor<T>> decay_prod(static_cast<std::size_t>(K));  // sequence sharding: Π a over this process's tokens
   Tensor<T> G(Dims{n_tok, d_model}, Tag::Gradients);  // dL/dy_k, carried down
   std::vector<Stretch<Layer>> kept(backprop ? std::size_t(K) : 0);
   std::vector<std::vector<ShardTapes<Layer>>> kept_tapes(backprop ? std::size_t(K) : 0);
   StepResult r;
-  for (index_t k = 0; k < K; ++k) {
-    const bool last = k == K - 1;
-    bnd.push_back(zeros<T>(Dims{nchunks, S}, Tag::Activations));
-    if (states && !states->initial.empty()) std::copy_n(states->initial[std::size_t(k)].data() + b * S, S, bnd.back().data());
-    if (!last) new_input(k + 1);
+  for (index_t k = kb; k < ke; ++k) {
+    const bool top = k == K - 1;
+    Tensor<T>& Yk = Y[std::size_t(k)];
+    Tensor<T>& bk = bnd[std::size_t(k)];
+    bk = zeros<T>(Dims{nchunks, S}, Tag::Activations);
+    if (states && first && !states->initial.empty()) std::copy_n(states->initial[std::size_t(k)].data() + b * S, S, bk.data());
+    if (split) {
+      if constexpr (halo > 0) link->exchange_halo(k, CV(Yk.view()).slice(n_tok, n_tok + halo), Yk.view().slice(0, halo));
+      // This process's tokens as the affine map h -> (Π a) h + h_end of the state before
+      // them (h_end from the state known here: the initial one, or zero). One forward over
+      // the chunks finds it; the composition over the processes before gives the state.
+      Tensor<T> ab(Dims{2, S}, Tag::Workspace);
+      std::fill_n(ab.data(), S, T(1));
+      Tensor<T> h = eval(leaf(CV(bk.view()).slice(0, 1)), Tag::Workspace);
+      for (index_t c = 0; c < nchunks; ++c) {
+        const index_t c0 = c * chunk, c1 = std::min(n_tok, c0 + chunk);
+        Stretch<Layer> st;
+        Tensor<T> h_last(Dims{1, S}, Tag::Workspace);
+        compute_stretch(block(k), CV(Yk.view()).slice(c0, halo + c1), CV(h.view()), st, h_last.view(), resets.offset(c0));
+        const T* a = st.a.data();
+        for (index_t t = 0; t < c1 - c0; ++t)
+          for (index_t i = 0; i < S; ++i) ab.data()[i] *= a[t * S + i];
+        h = std::move(h_last);
+      }
+      std::copy_n(h.data(), S, ab.data() + S);
+      decay_prod[std::size_t(k)] = eval(leaf(CV(ab.view()).slice(0, 1)), Tag::Activations);
+      link->forward_carry(k, ab.view());
+      if (!first) std::copy_n(ab.data() + S, S, bk.data());
+    }
+    if (k + 1 < K) new_input(k + 1);
     for (index_t c = 0; c < nchunks; ++c) {
       const index_t c0 = c * chunk, c1 = std::min(n_tok, c0 + chunk);
       Stretch<Layer> st;
       Tensor<T> h_last(Dims{1, S}, Tag::Activations);
-      CV y_ext = CV(Y[std::size_t(k)].view()).slice(c0, halo + c1);
-      compute_stretch(block(k), y_ext, CV(bnd[std::size_t(k)].view()).slice(c, c + 1), st, h_last.view(),
-                      resets.offset(c0));
+      CV y_ext = CV(Yk.view()).slice(c0, halo + c1);
+      compute_stretch(block(k), y_ext, CV(bk.view()).slice(c, c + 1), st, h_last.view(), resets.offset(c0));
       if (c + 1 < nchunks)
-        std::copy_n(h_last.data(), S, bnd[std::size_t(k)].data() + (c + 1) * S);
+        std::copy_n(h_last.data(), S, row_of(bk, c + 1, S));
       else if (states)
-        store_final(*states, k, b, h_last.data(), Y[std::size_t(k)].data() + n_tok * P);
-      if (last) {
+        store_final(*states, k, b, h_last.data(), Yk.data() + n_tok * P);
+      if (top) {
         Tensor<T> y_out(Dims{c1 - c0, d_model}, Tag::Activations);
         write_output(block(k), st, y_out.view());
         TensorView<T> g = G.view().slice(c0, c1);
-        StepResult hr = head_loss(CV(y_out.view()), targets + c0, &g);
+        StepResult hr = head_loss(CV(y_out.view()), targets + c0, with_backward ? &g : nullptr);
         r.loss += hr.loss;
         r.tokens += hr.tokens;
         r.correct += hr.correct;
@@ -428,32 +577,72 @@ StepResult Model<Layer, K>::sequence(const Batch& batch, index_t b, const Strate
         kept[std::size_t(k)] = std::move(st);
       }
     }
+    if (!with_backward) Yk = Tensor<T>();  // forward only: nothing is stored
   }
+  if (ke < K) {
+    link->send_output(CV(Y[std::size_t(ke)].view()).slice(halo, halo + n_tok));
+    Y[std::size_t(ke)] = Tensor<T>();
+  }
+  if (!with_backward) return r;
 
   // ---- backward: layers top-down, chunks in reverse ----
+  if (ke < K) {
+    fill<T>(G.view(), T(0));
+    link->receive_grad(G.view());
+  }
   Tensor<T> G_paper;  // PaperAdjoint: every layer takes dl/dy_K; input cotangents collect here
   if constexpr (paper) G_paper = G.clone(Tag::Gradients);
   TensorView<T> G_in = paper ? G_paper.view() : G.view();  // where dL/dy_{k-1} accumulates
   ShardGrads<T> sg;
-  for (index_t k = K - 1; k >= 0; --k) {
+  for (index_t k = ke - 1; k >= kb; --k) {
+    Tensor<T>& Yk = Y[std::size_t(k)];
+    Tensor<T>& bk = bnd[std::size_t(k)];
     Tensor<T> carry, q_next;
-    if (states && !states->final_grad.empty()) {
+    if (states && final_tok && !states->final_grad.empty()) {
       carry = Tensor<T>(Dims{1, S}, Tag::Workspace);
       std::copy_n(states->final_grad[std::size_t(k)].data() + b * S, S, carry.data());
+    }
+    if (split) {
+      // The adjoint carry this process passes down is (Π a) carry_in + c_0, with c_0 the
+      // one it passes for the carry known here (final_grad, or zero): a reverse pass of
+      // the adjoint alone over the chunks finds c_0, the composition over the processes
+      // after gives carry_in.
+      Tensor<T> c_run = carry.empty() ? zeros<T>(Dims{1, S}, Tag::Workspace) : carry.clone(Tag::Workspace);
+      for (index_t c = nchunks - 1; c >= 0; --c) {
+        const index_t c0 = c * chunk, c1 = std::min(n_tok, c0 + chunk);
+        Stretch<Layer> st;
+        compute_stretch(block(k), CV(Yk.view()).slice(c0, halo + c1), CV(bk.view()).slice(c, c + 1), st, {},
+                        resets.offset(c0));
+        StretchBackward<T> opt;
+        opt.shard = shard;
+        opt.adjoint_only = true;
+        opt.carry_in = c_run.view();
+        Tensor<T> c_out(Dims{1, S}, Tag::Workspace);
+        opt.carry_out = c_out.view();
+        backward_stretch(block(k), st, CV(G.view()).slice(c0, c1), opt, sg);
+        c_run = std::move(c_out);
+      }
+      Tensor<T> ab(Dims{2, S}, Tag::Workspace);
+      std::copy_n(decay_prod[std::size_t(k)].data(), S, ab.data());
+      std::copy_n(c_run.data(), S, ab.data() + S);
+      link->backward_carry(k, ab.view());
+      if (!final_tok) {
+        carry = Tensor<T>(Dims{1, S}, Tag::Workspace);
+        std::copy_n(ab.data() + S, S, carry.data());
+      }
     }
     // dL/d(input rows [q, q + halo)) from the windows of later chunks, held back until the
     // chunk owning those rows has read its own cotangent from G.
     Tensor<T> pending = zeros<T>(Dims{halo, P}, Tag::Workspace);
     index_t q = n_tok - halo;
-    if (states && !states->final_halo_grad.empty())
+    if (states && final_tok && !states->final_halo_grad.empty())
       std::copy_n(states->final_halo_grad[std::size_t(k)].data() + b * HP, HP, pending.data());
     for (index_t c = nchunks - 1; c >= 0; --c) {
       const index_t c0 = c * chunk, c1 = std::min(n_tok, c0 + chunk);
-      CV y_ext = CV(Y[std::size_t(k)].view()).slice(c0, halo + c1);
+      CV y_ext = CV(Yk.view()).slice(c0, halo + c1);
       Stretch<Layer> recomputed;
       if constexpr (!backprop)
-        compute_stretch(block(k), y_ext, CV(bnd[std::size_t(k)].view()).slice(c, c + 1), recomputed, {},
-                        resets.offset(c0));
+        compute_stretch(block(k), y_ext, CV(bk.view()).slice(c, c + 1), recomputed, {}, resets.offset(c0));
       const Stretch<Layer>& st = backprop ? kept[std::size_t(k)] : recomputed;
       StretchBackward<T> opt;
       opt.method = paper ? DeltaMethod::paper : truncated ? DeltaMethod::truncated : DeltaMethod::exact;
@@ -488,18 +677,25 @@ StepResult Model<Layer, K>::sequence(const Batch& batch, index_t b, const Strate
         q = c0 - halo;
       }
     }
-    if (states) {
+    if (states && first) {
       std::copy_n(carry.data(), S, states->initial_grad[std::size_t(k)].data() + b * S);
       if (halo > 0) std::copy_n(pending.data(), HP, states->initial_halo_grad[std::size_t(k)].data() + b * HP);
     }
+    // The rows before t0 belong to the previous process; this process's last rows get the
+    // next process's part (G_in now holds dL/dy_{k-1} on every row but those terms).
+    if constexpr (halo > 0)
+      if (split) link->exchange_halo_grad(k, CV(pending.view()), G_in.slice(n_tok - halo, n_tok));
     // Layer k is done: its stored input and tapes are no longer needed.
     if constexpr (backprop) {
       kept_tapes[std::size_t(k)].clear();
       kept[std::size_t(k)] = Stretch<Layer>();
     }
-    if (k > 0) Y[std::size_t(k)] = Tensor<T>();
+    if (k > 0) Yk = Tensor<T>();
   }
-  embedding_.backward(inputs, n_tok, CV(G_in));
+  if (kb == 0)
+    embedding_->backward(inputs, n_tok, CV(G_in));
+  else
+    link->send_grad(CV(G_in));
   return r;
 }
 

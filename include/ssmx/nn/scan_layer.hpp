@@ -297,6 +297,8 @@ struct StretchBackward {
   Tensor<T>* q_out = nullptr;         // truncated: this block's, for the block before
   TensorView<T> input_grad;           // where dL/dy_in accumulates, [n, d_model]
   TensorView<T> halo_grad;            // where dL/d(halo rows of y_ext) accumulates, [halo, d_model]
+  bool adjoint_only = false;          // stop once carry_out is known: no gradient is written (the
+                                      // carry summary of a sequence-sharded stretch, dist/)
 };
 
 namespace detail {
@@ -445,6 +447,7 @@ void backward_stretch(Block<Layer>& blk, const Stretch<Layer>& st, TensorView<co
   }
   if (opt.carry_out.data())
     assign(opt.carry_out.reshape(Dims{1, 1, S}), leaf(a.slice(1, 0, 1)) * leaf(CV(delta.view()).slice(1, 0, 1)));
+  if (opt.adjoint_only) return;  // the shards' parameter gradients are dropped, never added
 
   // Phase 2: decay and inject VJPs, shard-parallel.
   CV delta3 = CV(delta.view()).reshape(with_tokens(n, sd));
