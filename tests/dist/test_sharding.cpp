@@ -274,3 +274,39 @@ TEST_CASE("dist: sharding errors are the same on every rank") {
                        doctest::Contains("outside the vocabulary"), ValueError);
   CHECK(rel_err(whole.parameters()[0]->value, before) == 0.0);
 }
+
+// Data parallel across groups of sharded ranks: D groups (2 when the rank count is even)
+// of G = R / D ranks; group g trains on row g of the batch, sharded within the group,
+// and totals and gradients are summed over the `replicas` (the ranks holding the same
+// part in the other groups). With 4 ranks: 2 × 2 (tests/dist/CMakeLists.txt runs it).
+TEST_CASE("dist: sharding combined with data parallelism") {
+  dist::Communicator world;
+  const int R = world.size(), D = R % 2 == 0 ? 2 : 1, G = R / D, g = world.rank() / G;
+  dist::Communicator group = world.split(g, world.rank()), replicas = world.split(world.rank() % G, world.rank());
+  const Data d(true);
+  Mamba::Config cfg;
+  cfg.vocab = d.vocab;
+  cfg.seed = 12;
+  Mamba serial(cfg);
+  const Adjoint strategy{4, 2};
+  // The rows of the whole batch: the first D (one per group).
+  const nn::Batch whole{d.inputs.data(), d.targets.data(), D, d.L, d.starts.data()};
+  const nn::StepResult ref = serial.forward_backward(whole, strategy);
+  const nn::Batch row{d.inputs.data() + g * d.L, d.targets.data() + g * d.L, 1, d.L, d.starts.data() + g * d.L};
+  const auto want = by_name(serial.parameters());
+  for (Scheme scheme : {Scheme::layer, Scheme::sequence}) {
+    CAPTURE(int(scheme));
+    Mamba::Config c = cfg;
+    if (scheme == Scheme::layer) std::tie(c.layer_begin, c.layer_end) = dist::layer_block(3, group.rank(), group.size());
+    Mamba part(c);
+    const nn::StepResult got =
+        scheme == Scheme::layer ? dist::layer_parallel_forward_backward(part, group, row, strategy, nullptr, &replicas)
+                                : dist::sequence_parallel_forward_backward(part, group, row, strategy, nullptr, &replicas);
+    CHECK(got.tokens == ref.tokens);
+    CHECK(std::fabs(got.loss - ref.loss) <= tol * std::fabs(ref.loss));
+    for (auto* p : part.parameters()) {
+      CAPTURE(p->name);
+      CHECK(rel_err(p->grad, want.at(p->name)->grad) <= tol);
+    }
+  }
+}
