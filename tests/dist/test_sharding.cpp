@@ -117,6 +117,11 @@ void check_gradients(Scheme scheme, bool tied, bool with_starts, bool with_state
 
   if (scheme == Scheme::layer) {
     std::tie(cfg.layer_begin, cfg.layer_end) = dist::layer_block(Model::num_layers, comm.rank(), comm.size());
+    // A rank needs only its own layers' entries; the others may be empty.
+    for (index_t k = 0; k < Model::num_layers; ++k)
+      if (k < cfg.layer_begin || k >= cfg.layer_end)
+        for (auto* v : {&states.initial, &states.final_grad, &states.initial_halo, &states.final_halo_grad})
+          if (!v->empty()) (*v)[std::size_t(k)] = Tensor<double>();
   }
   Model sharded(cfg);
   nn::LayerStates<double>* sp = with_states ? &states : nullptr;

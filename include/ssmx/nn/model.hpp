@@ -507,7 +507,7 @@ StepResult Model<Layer, K>::sequence(const Batch& batch, index_t b, const Strate
   std::vector<Tensor<T>> Y(static_cast<std::size_t>(K + 1));  // Y[k]: input of layer k, [halo + n, P]; rows [0, halo) come before t0
   auto new_input = [&](index_t k) {
     Y[std::size_t(k)] = zeros<T>(Dims{halo + n_tok, P}, Tag::Activations);
-    if (states && first && !states->initial_halo.empty() && k < K)
+    if (states && first && !states->initial_halo.empty() && holds_layer(k))
       std::copy_n(states->initial_halo[std::size_t(k)].data() + b * HP, HP, Y[std::size_t(k)].data());
   };
   new_input(kb);
