@@ -32,6 +32,7 @@
 #include <cmath>
 #include <cstdint>
 #include <iostream>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -56,6 +57,7 @@ struct Options : CommonOptions {
   double budget_gib = 0;    // 0: no budget question
   index_t max_T = 1 << 20;  // largest T run to verify a budget answer
   bool adjoint_1m = false;
+  bool bf16_inputs = false;
 };
 
 void add_options(CLI::App& app, Options& o) {
@@ -69,6 +71,9 @@ void add_options(CLI::App& app, Options& o) {
       ->type_name("X");
   add_count(app, "--max-T", o.max_T, "cap for the verification run of --budget-gib")->default_str("1M");
   app.add_flag("--adjoint-1m", o.adjoint_1m, "also run one Adjoint step at T = 1,048,576 (ignores --max-run-seconds)");
+  app.add_flag("--bf16-inputs", o.bf16_inputs,
+               "store the layer inputs in bfloat16 (Model::Config::bf16_inputs); each step is then also run with "
+               "float storage and the differences reported (\"vs_float\")");
 }
 
 struct Measured {
@@ -76,6 +81,9 @@ struct Measured {
   ssmx::MemoryStats stats;
   std::size_t baseline = 0;
   double seconds = 0, loss = 0;
+  // --bf16-inputs: against the same step with float storage; and, for scale, float storage
+  // with every parameter perturbed by a relative 2^-9 (bfloat16's rounding) of varying sign.
+  double loss_rel = -1, grad_rel = -1, perturbed_loss_rel = -1, perturbed_grad_rel = -1;
 };
 
 template <class Net>
@@ -104,6 +112,7 @@ class Bench {
     typename Net::Config c;
     c.vocab = o.vocab;
     c.seed = o.seed;
+    c.bf16_inputs = o.bf16_inputs;
     return c;
   }
 
@@ -114,6 +123,7 @@ class Bench {
     if (s == "adjoint") h += ",\"chunk\":" + std::to_string(opt_.chunk) + ",\"shard\":" + std::to_string(opt_.shard);
     if (s == "truncated") h += ",\"window\":" + std::to_string(opt_.window) + ",\"shard\":" + std::to_string(opt_.shard);
     h += ",\"threads\":" + std::to_string(threads());
+    if (opt_.bf16_inputs) h += ",\"bf16_inputs\":true";
     if (verifying_ && kind != "budget") h += ",\"budget_check\":true";  // the run that verifies a budget answer
     return h;
   }
@@ -154,6 +164,10 @@ class Bench {
            std::to_string(m.stats.peak_by_tag[std::size_t(t)]);
     l += "},\"seconds\":" + num(m.seconds) + ",\"tokens_per_s\":" + num(double(T) / m.seconds) +
          ",\"loss\":" + num(m.loss);
+    if (m.loss_rel >= 0)
+      l += ",\"vs_float\":{\"loss_rel\":" + num(m.loss_rel) + ",\"grad_rel_2norm\":" + num(m.grad_rel) +
+           ",\"perturbed_params_loss_rel\":" + num(m.perturbed_loss_rel) +
+           ",\"perturbed_params_grad_rel_2norm\":" + num(m.perturbed_grad_rel) + "}";
     if (!done.empty()) l += ",\"predicted_peak_bytes\":" + num(std::round(pred_peak));
     sink_.line(l + "}");
     done.push_back(m);
@@ -181,6 +195,31 @@ class Bench {
     m.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     m.stats = ssmx::memory_stats(ssmx::Space::Host);
     m.loss = r.loss;
+    if (opt_.bf16_inputs) {  // the same step with float storage, after the measurement
+      typename Net::Config c = config(opt_);
+      c.bf16_inputs = false;
+      Net ref(c), perturbed(c);
+      const double ref_loss = ref.forward_backward(batch, strategy).loss;
+      std::mt19937_64 rng(7);
+      for (auto* q : perturbed.parameters())
+        for (index_t j = 0; j < q->numel(); ++j) q->value[j] *= float(1.0 + ((rng() & 1) ? 1.0 : -1.0) / 512.0);
+      const double perturbed_loss = perturbed.forward_backward(batch, strategy).loss;
+      auto grad_rel = [&](Net& x) {
+        double diff = 0, norm = 0;
+        const auto p = x.parameters(), q = ref.parameters();
+        for (std::size_t i = 0; i < p.size(); ++i)
+          for (index_t j = 0; j < p[i]->numel(); ++j) {
+            const double a = double(p[i]->grad[j]), b = double(q[i]->grad[j]);
+            diff += (a - b) * (a - b);
+            norm += b * b;
+          }
+        return std::sqrt(diff / norm);
+      };
+      m.loss_rel = std::fabs(r.loss - ref_loss) / std::fabs(ref_loss);
+      m.grad_rel = grad_rel(net_);
+      m.perturbed_loss_rel = std::fabs(perturbed_loss - ref_loss) / std::fabs(ref_loss);
+      m.perturbed_grad_rel = grad_rel(perturbed);
+    }
     return m;
   }
 

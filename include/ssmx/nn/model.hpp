@@ -29,6 +29,7 @@
 #include "embedding.hpp"
 #include "linear.hpp"
 #include "scan_layer.hpp"
+#include "stored_stream.hpp"
 
 namespace ssmx::nn {
 
@@ -138,6 +139,10 @@ class Model {
     // whole model with the same seed.
     index_t layer_begin = 0;
     index_t layer_end = -1;
+    // Store the layer inputs kept for the backward pass (K·T·P values, the adjoint's
+    // dominant memory) in bfloat16: half the bytes; arithmetic stays in T. The stream is
+    // rounded where it is stored, and every strategy computes with the rounded values.
+    bool bf16_inputs = false;
   };
 
   explicit Model(const Config& cfg) : cfg_(cfg), norm_f_("norm_f.weight", d_model) {
@@ -504,17 +509,20 @@ StepResult Model<Layer, K>::sequence(const Batch& batch, index_t b, const Strate
   auto row_of = [](Tensor<T>& t, index_t r, index_t width) { return t.data() + r * width; };
 
   // ---- forward: store each layer's input (after its halo rows) and its chunk-boundary states ----
-  std::vector<Tensor<T>> Y(static_cast<std::size_t>(K + 1));  // Y[k]: input of layer k, [halo + n, P]; rows [0, halo) come before t0
+  // Y[k]: input of layer k, [halo + n, P]; rows [0, halo) come before t0.
+  std::vector<StoredStream<T>> Y(static_cast<std::size_t>(K + 1));
   auto new_input = [&](index_t k) {
-    Y[std::size_t(k)] = zeros<T>(Dims{halo + n_tok, P}, Tag::Activations);
+    Y[std::size_t(k)] = StoredStream<T>(halo + n_tok, P, cfg_.bf16_inputs);
     if (states && first && !states->initial_halo.empty() && holds_layer(k))
-      std::copy_n(states->initial_halo[std::size_t(k)].data() + b * HP, HP, Y[std::size_t(k)].data());
+      Y[std::size_t(k)].write(0, CV(states->initial_halo[std::size_t(k)].data() + b * HP, Dims{halo, P}));
   };
   new_input(kb);
-  if (kb == 0)
-    embedding_->forward(inputs, n_tok, Y[0].view().slice(halo, halo + n_tok));
-  else
-    link->receive_input(Y[std::size_t(kb)].view().slice(halo, halo + n_tok));
+  Y[std::size_t(kb)].write(halo, halo + n_tok, [&](TensorView<T> v) {
+    if (kb == 0)
+      embedding_->forward(inputs, n_tok, v);
+    else
+      link->receive_input(v);
+  });
   std::vector<Tensor<T>> bnd(static_cast<std::size_t>(K));        // bnd[k]: [nchunks, S], the state before each chunk
   std::vector<Tensor<T>> decay_prod(static_cast<std::size_t>(K));  // sequence sharding: Π a over this process's tokens
   Tensor<T> G(Dims{n_tok, d_model}, Tag::Gradients);  // dL/dy_k, carried down
@@ -523,12 +531,16 @@ StepResult Model<Layer, K>::sequence(const Batch& batch, index_t b, const Strate
   StepResult r;
   for (index_t k = kb; k < ke; ++k) {
     const bool top = k == K - 1;
-    Tensor<T>& Yk = Y[std::size_t(k)];
+    StoredStream<T>& Yk = Y[std::size_t(k)];
     Tensor<T>& bk = bnd[std::size_t(k)];
     bk = zeros<T>(Dims{nchunks, S}, Tag::Activations);
     if (states && first && !states->initial.empty()) std::copy_n(states->initial[std::size_t(k)].data() + b * S, S, bk.data());
     if (split) {
-      if constexpr (halo > 0) link->exchange_halo(k, CV(Yk.view()).slice(n_tok, n_tok + halo), Yk.view().slice(0, halo));
+      if constexpr (halo > 0) {
+        Tensor<T> buf;
+        const CV tail = Yk.read(n_tok, n_tok + halo, buf);
+        Yk.write(0, halo, [&](TensorView<T> rows) { link->exchange_halo(k, tail, rows); });
+      }
       // This process's tokens as the affine map h -> (Π a) h + h_end of the state before
       // them (h_end from the state known here: the initial one, or zero). One forward over
       // the chunks finds it; the composition over the processes before gives the state.
@@ -538,8 +550,8 @@ StepResult Model<Layer, K>::sequence(const Batch& batch, index_t b, const Strate
       for (index_t c = 0; c < nchunks; ++c) {
         const index_t c0 = c * chunk, c1 = std::min(n_tok, c0 + chunk);
         Stretch<Layer> st;
-        Tensor<T> h_last(Dims{1, S}, Tag::Workspace);
-        compute_stretch(block(k), CV(Yk.view()).slice(c0, halo + c1), CV(h.view()), st, h_last.view(), resets.offset(c0));
+        Tensor<T> h_last(Dims{1, S}, Tag::Workspace), buf;
+        compute_stretch(block(k), Yk.read(c0, halo + c1, buf), CV(h.view()), st, h_last.view(), resets.offset(c0));
         const T* a = st.a.data();
         for (index_t t = 0; t < c1 - c0; ++t)
           for (index_t i = 0; i < S; ++i) ab.data()[i] *= a[t * S + i];
@@ -555,12 +567,14 @@ StepResult Model<Layer, K>::sequence(const Batch& batch, index_t b, const Strate
       const index_t c0 = c * chunk, c1 = std::min(n_tok, c0 + chunk);
       Stretch<Layer> st;
       Tensor<T> h_last(Dims{1, S}, Tag::Activations);
-      CV y_ext = CV(Yk.view()).slice(c0, halo + c1);
-      compute_stretch(block(k), y_ext, CV(bk.view()).slice(c, c + 1), st, h_last.view(), resets.offset(c0));
-      if (c + 1 < nchunks)
+      compute_stretch(block(k), Yk.read(c0, halo + c1, st.y_hold), CV(bk.view()).slice(c, c + 1), st, h_last.view(),
+                      resets.offset(c0));
+      if (c + 1 < nchunks) {
         std::copy_n(h_last.data(), S, row_of(bk, c + 1, S));
-      else if (states)
-        store_final(*states, k, b, h_last.data(), Yk.data() + n_tok * P);
+      } else if (states) {
+        Tensor<T> buf;
+        store_final(*states, k, b, h_last.data(), Yk.read(n_tok, n_tok + halo, buf).data());
+      }
       if (top) {
         Tensor<T> y_out(Dims{c1 - c0, d_model}, Tag::Activations);
         write_output(block(k), st, y_out.view());
@@ -570,18 +584,19 @@ StepResult Model<Layer, K>::sequence(const Batch& batch, index_t b, const Strate
         r.tokens += hr.tokens;
         r.correct += hr.correct;
       } else {
-        write_output(block(k), st, Y[std::size_t(k + 1)].view().slice(halo + c0, halo + c1));
+        Y[std::size_t(k + 1)].write(halo + c0, halo + c1, [&](TensorView<T> v) { write_output(block(k), st, v); });
       }
       if constexpr (backprop) {  // the autograd tape: keep every intermediate
         kept_tapes[std::size_t(k)].emplace_back(block(k), st, 0, st.n());
         kept[std::size_t(k)] = std::move(st);
       }
     }
-    if (!with_backward) Yk = Tensor<T>();  // forward only: nothing is stored
+    if (!with_backward) Yk.clear();  // forward only: nothing is stored
   }
   if (ke < K) {
-    link->send_output(CV(Y[std::size_t(ke)].view()).slice(halo, halo + n_tok));
-    Y[std::size_t(ke)] = Tensor<T>();
+    Tensor<T> buf;
+    link->send_output(Y[std::size_t(ke)].read(halo, halo + n_tok, buf));
+    Y[std::size_t(ke)].clear();
   }
   if (!with_backward) return r;
 
@@ -595,7 +610,7 @@ StepResult Model<Layer, K>::sequence(const Batch& batch, index_t b, const Strate
   TensorView<T> G_in = paper ? G_paper.view() : G.view();  // where dL/dy_{k-1} accumulates
   ShardGrads<T> sg;
   for (index_t k = ke - 1; k >= kb; --k) {
-    Tensor<T>& Yk = Y[std::size_t(k)];
+    StoredStream<T>& Yk = Y[std::size_t(k)];
     Tensor<T>& bk = bnd[std::size_t(k)];
     Tensor<T> carry, q_next;
     if (states && final_tok && !states->final_grad.empty()) {
@@ -611,7 +626,7 @@ StepResult Model<Layer, K>::sequence(const Batch& batch, index_t b, const Strate
       for (index_t c = nchunks - 1; c >= 0; --c) {
         const index_t c0 = c * chunk, c1 = std::min(n_tok, c0 + chunk);
         Stretch<Layer> st;
-        compute_stretch(block(k), CV(Yk.view()).slice(c0, halo + c1), CV(bk.view()).slice(c, c + 1), st, {},
+        compute_stretch(block(k), Yk.read(c0, halo + c1, st.y_hold), CV(bk.view()).slice(c, c + 1), st, {},
                         resets.offset(c0));
         StretchBackward<T> opt;
         opt.shard = shard;
@@ -639,10 +654,10 @@ StepResult Model<Layer, K>::sequence(const Batch& batch, index_t b, const Strate
       std::copy_n(states->final_halo_grad[std::size_t(k)].data() + b * HP, HP, pending.data());
     for (index_t c = nchunks - 1; c >= 0; --c) {
       const index_t c0 = c * chunk, c1 = std::min(n_tok, c0 + chunk);
-      CV y_ext = CV(Yk.view()).slice(c0, halo + c1);
       Stretch<Layer> recomputed;
       if constexpr (!backprop)
-        compute_stretch(block(k), y_ext, CV(bk.view()).slice(c, c + 1), recomputed, {}, resets.offset(c0));
+        compute_stretch(block(k), Yk.read(c0, halo + c1, recomputed.y_hold), CV(bk.view()).slice(c, c + 1), recomputed,
+                        {}, resets.offset(c0));
       const Stretch<Layer>& st = backprop ? kept[std::size_t(k)] : recomputed;
       StretchBackward<T> opt;
       opt.method = paper ? DeltaMethod::paper : truncated ? DeltaMethod::truncated : DeltaMethod::exact;
@@ -690,7 +705,7 @@ StepResult Model<Layer, K>::sequence(const Batch& batch, index_t b, const Strate
       kept_tapes[std::size_t(k)].clear();
       kept[std::size_t(k)] = Stretch<Layer>();
     }
-    if (k > 0) Yk = Tensor<T>();
+    if (k > 0) Yk.clear();
   }
   if (kb == 0)
     embedding_->backward(inputs, n_tok, CV(G_in));

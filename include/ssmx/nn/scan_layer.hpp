@@ -149,6 +149,7 @@ struct Stretch {
   using Ty = LayerTypes<Layer>;
   static constexpr index_t halo = Ty::halo;
   TensorView<const T> y_ext;                     // [halo + n, d_model], the stored layer input (not owned)
+  Tensor<T> y_hold;                              // what y_ext views when the stored input was converted (bf16 storage)
   Tensor<T> u;                                   // [halo + n, d_model], normalised
   std::array<Tensor<T>, Ty::num_features> f;     // the features, [n, F_i]
   Tensor<T> mask;                                // [halo + 1, n] tap mask, or empty
