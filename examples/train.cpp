@@ -6,11 +6,12 @@
 //   train --data text:README.md --model mamba-tiny --context 512 --steps 200
 //   train --data tokens:fineweb_train_000001.bin --model mamba-130m --context 4096 --out runs/m
 //   train --out runs/m --resume                        continue runs/m where it stopped
+//   mpirun -np 4 train --dist layer --model mamba-130m ...   each step split over 4 ranks
 //
 // Output, under --out: metrics.jsonl (a line per logged step and per evaluation), config.json,
 // checkpoints/ (step_XXXXXXXX.safetensors and `latest`), and at the end summary.json and
 // plot.png (gnuplot) or plot.svg. A fresh run never writes into a directory holding another
-// run's files. SIGINT/SIGTERM: the current step finishes, a checkpoint is saved, exit 0.
+// run's files. SIGINT/SIGTERM/SIGUSR1: the current step finishes, a checkpoint is saved, exit 0.
 //
 // Resuming is exact: a run stopped at step s and resumed logs the same losses, bit for bit,
 // as one that never stopped. A checkpoint holds the parameters, the optimiser state, the
@@ -18,6 +19,17 @@
 // (seed, s)), the recurrent state carried across steps by packed rows, and the whole config,
 // which --resume reuses; a flag given on resume that would change the run's numbers is an
 // error naming the flag and both values.
+//
+// Several processes: `mpirun -np R train --dist data|layer|sequence ...` splits every step
+// over R ranks (train/dist.hpp says what each holds). Rank 0 prints and writes the run's
+// files. Checkpoints: under data and sequence every rank holds the same parameters and rank 0
+// writes the one file (under data, after gathering each rank's rows of the carried state);
+// under layer each rank r > 0 writes its own part, step_XXXXXXXX.rank-r-of-R.safetensors,
+// and only when all of them are on disk (a barrier) does rank 0 write its part,
+// step_XXXXXXXX.safetensors, and `latest`: a checkpoint whose rank-0 file exists is complete,
+// and a job that dies while saving leaves the previous one current. Every rank reads its
+// part on --resume, which needs the scheme and R the run was started with. --out must be on
+// a file system that every rank sees.
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
@@ -27,8 +39,10 @@
 #include <ctime>
 #include <filesystem>
 #include <memory>
+#include <numeric>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <variant>
 #include <vector>
 
@@ -41,6 +55,7 @@
 
 #include "train/config.hpp"
 #include "train/data.hpp"
+#include "train/dist.hpp"
 #include "train/metrics.hpp"
 #include "train/plot.hpp"
 #include "train/progress.hpp"
@@ -52,11 +67,6 @@ namespace fs = std::filesystem;
 namespace nn = ssmx::nn;
 using Clock = std::chrono::steady_clock;
 using T = float;
-
-// A usage error: exit status 2 instead of 1.
-struct UsageError : ssmx::ValueError {
-  using ssmx::ValueError::ValueError;
-};
 
 // ---- presets ----------------------------------------------------------------------------
 
@@ -104,14 +114,13 @@ ssmx::WarmupCosine make_schedule(const Config& c) {
   return ssmx::WarmupCosine(warmup, c.steps, c.lr, c.schedule == "cosine" ? c.lr * c.min_lr_ratio : c.lr);
 }
 
-// One update with nn::train_step, carrying `carry` when given. A batch without target
-// tokens (padding only) updates nothing.
+// One update (this rank's part of it), carrying `carry` when given. A batch without target
+// tokens (padding only) updates nothing; every rank sees the whole batch, so all skip it.
 template <class LM>
-nn::TrainStepResult train_step(LM& model, Optimizer& opt, const Strategy& strategy, const nn::Batch& batch,
+nn::TrainStepResult train_step(Group& group, LM& model, Optimizer& opt, const Strategy& strategy, const StepData& sd,
                                double clip, nn::LayerStates<T>* carry) {
-  const index_t n = batch.batch * batch.seq_len;
-  if (std::all_of(batch.targets, batch.targets + n, [](nn::token_t y) { return y < 0; })) return {};
-  return std::visit([&](auto& o, const auto& s) { return nn::train_step(model, o, batch, s, {clip}, carry); }, opt,
+  if (std::all_of(sd.targets.begin(), sd.targets.end(), [](nn::token_t y) { return y < 0; })) return {};
+  return std::visit([&](auto& o, const auto& s) { return group.train_step(model, o, s, sd, {clip}, carry); }, opt,
                     strategy);
 }
 
@@ -135,62 +144,114 @@ nlohmann::ordered_json eval_json(const Eval& e, double chance) {
   return j;
 }
 
-// Removes all but the newest `keep` step_*.safetensors older than `step` (0: keep all).
+// --dist layer: rank r's part of the checkpoint whose rank-0 part is `main`
+// (step_XXXXXXXX.safetensors): step_XXXXXXXX.rank-r-of-R.safetensors beside it.
+std::string shard_path(const std::string& main, int rank, int ranks) {
+  const std::string ext = ".safetensors";
+  const std::string stem = main.size() > ext.size() ? main.substr(0, main.size() - ext.size()) : main;
+  return stem + ".rank-" + std::to_string(rank) + "-of-" + std::to_string(ranks) + ext;
+}
+
+// Removes all but the newest `keep` checkpoints up to `step` (0: keep all), with their
+// --dist layer parts, and the parts of a step up to `step` whose checkpoint was never
+// completed (a job that died while saving).
 void prune_checkpoints(const std::string& dir, std::int64_t step, std::int64_t keep) {
   if (keep <= 0) return;
-  std::vector<std::pair<std::int64_t, fs::path>> found;
+  std::vector<std::pair<std::int64_t, fs::path>> found, parts;
   std::error_code ec;
   for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
     const std::string name = it->path().filename().string();
-    if (name.size() != ssmx::io::checkpoint_file_name(0).size() || name.rfind("step_", 0) != 0) continue;
-    const auto s = ssmx::io::parse_int64(name.substr(5, 8));
-    if (s && *s <= step && name == ssmx::io::checkpoint_file_name(*s)) found.emplace_back(*s, it->path());
+    const std::size_t dot = name.find('.');
+    if (name.rfind("step_", 0) != 0 || dot == std::string::npos) continue;
+    const auto s = ssmx::io::parse_int64(name.substr(5, dot - 5));
+    if (!s || *s > step) continue;
+    if (name == ssmx::io::checkpoint_file_name(*s))
+      found.emplace_back(*s, it->path());
+    else if (name.compare(dot, 6, ".rank-") == 0)
+      parts.emplace_back(*s, it->path());
   }
   std::sort(found.rbegin(), found.rend());
-  for (std::size_t i = std::size_t(keep); i < found.size(); ++i) fs::remove(found[i].second, ec);
+  std::vector<std::int64_t> kept;
+  for (std::size_t i = 0; i < found.size(); ++i) {
+    if (i < std::size_t(keep))
+      kept.push_back(found[i].first);
+    else
+      fs::remove(found[i].second, ec);
+  }
+  for (const auto& [s, path] : parts)
+    if (std::find(kept.begin(), kept.end(), s) == kept.end()) fs::remove(path, ec);
 }
 
 template <class Layer, index_t K>
-int run(Config& cfg, Data& data, const Session& session) {
+int run(Config& cfg, Data& data, const Session& session, Group& group) {
   using LM = nn::Model<Layer, K>;
-  LM model({data.vocab(), true, std::uint64_t(cfg.seed)});
+  const bool root = group.root();  // prints and writes the run's files
+  typename LM::Config model_config{data.vocab(), true, std::uint64_t(cfg.seed)};
+  std::tie(model_config.layer_begin, model_config.layer_end) = group.layers(K, cfg.model);
+  LM model(model_config);
   Optimizer opt = make_optimizer(cfg);
   const Strategy strategy = make_strategy(cfg);
   const auto schedule = make_schedule(cfg);
-  const index_t n_params = ssmx::parameter_count(model.parameters());
+  // Over all ranks: under --dist layer each holds a part, and a tied embedding is held by the
+  // first rank and by the last one (for the head): counted once.
+  std::int64_t n_params = 0;
+  for (auto* p : model.parameters())
+    if (!(model.layer_begin() > 0 && model.holds_embedding() && p == &model.embedding().weight))
+      n_params += p->value.numel();
+  if (group.scheme() == Scheme::layer) {
+    const auto all = group.gather({n_params});
+    n_params = std::accumulate(all.begin(), all.end(), std::int64_t(0));
+  }
   const std::string model_text = cfg.model + " (" + LayerInfo<Layer>::describe() + ", K=" + std::to_string(K) +
                                  " layers, " + std::to_string(n_params) + " parameters)";
 
-  // Recurrent state carried from step to step by rows that continue a document. It goes into
-  // checkpoints as extra tensors named carry.*, beside the parameters.
+  // Recurrent state carried from step to step by rows that continue a document: `carry`
+  // holds this rank's rows (--dist data) of the layers it holds (--dist layer). Checkpoints
+  // keep it as extra tensors named carry.*, beside the parameters, each with all the rows.
   nn::LayerStates<T> carry;
-  std::vector<std::unique_ptr<ssmx::Parameter<T>>> carry_slots;
+  struct CarrySlot {
+    index_t layer;
+    bool halo;  // the layer's convolution window, else its scan state
+    std::unique_ptr<ssmx::Parameter<T>> saved;
+  };
+  std::vector<CarrySlot> carry_slots;
+  constexpr index_t halo = nn::layer_halo<Layer>::value;
+  if (group.scheme() == Scheme::sequence) {  // the shortest sequences are the first ones (curriculum)
+    const index_t len = data.length_at(0), shortest = len / group.size(), need = std::max<index_t>(1, halo);
+    SSMX_REQUIRE(shortest >= need, UsageError, "--dist sequence: sequences of ", len, " tokens (--context",
+                 is_recall(cfg) ? " or --curriculum-start" : "", ") over ", group.size(), " ranks leave ", shortest,
+                 " tokens to a rank, fewer than ", need, " (a token, and the ", halo,
+                 " earlier ones the convolution reads): use fewer ranks or longer sequences");
+  }
   if (data.carries_state()) {
-    const index_t S = nn::state_numel(Layer::state_dims()), halo = nn::layer_halo<Layer>::value;
+    const index_t S = nn::state_numel(Layer::state_dims());
     for (index_t k = 0; k < K; ++k) {
+      if (!model.holds_layer(k)) continue;
       const std::string layer = "carry.layers." + std::to_string(k);
-      carry_slots.push_back(std::make_unique<ssmx::Parameter<T>>(layer + ".state", ssmx::Dims{cfg.batch, S}));
+      carry_slots.push_back({k, false, std::make_unique<ssmx::Parameter<T>>(layer + ".state", ssmx::Dims{cfg.batch, S})});
       if (halo > 0)
         carry_slots.push_back(
-            std::make_unique<ssmx::Parameter<T>>(layer + ".halo", ssmx::Dims{cfg.batch, halo, LM::d_model}));
+            {k, true, std::make_unique<ssmx::Parameter<T>>(layer + ".halo", ssmx::Dims{cfg.batch, halo, LM::d_model})});
     }
   }
   auto checkpoint_list = [&] {  // parameters, then the carry slots
     ssmx::ParameterList<T> list = model.parameters();
-    for (auto& p : carry_slots) list.push_back(p.get());
+    for (auto& c : carry_slots) list.push_back(c.saved.get());
     return list;
   };
-  auto carry_tensors = [&](std::size_t slot) -> std::vector<ssmx::Tensor<T>>& {
-    const bool halo = nn::layer_halo<Layer>::value > 0;
-    return halo && slot % 2 == 1 ? carry.final_halo : carry.final_states;
+  auto carried = [&](const CarrySlot& c) -> std::vector<ssmx::Tensor<T>>& {
+    return c.halo ? carry.final_halo : carry.final_states;
   };
-  auto carry_index = [&](std::size_t slot) { return nn::layer_halo<Layer>::value > 0 ? slot / 2 : slot; };
+  index_t row_begin = 0, row_end = 0;  // this rank's rows of each batch
+  std::tie(row_begin, row_end) = group.rows(index_t(cfg.batch));
 
   std::int64_t step = 0, tokens_seen = 0;
   double train_seconds = 0;  // over all invocations, steps only
   Eval best;
   if (session.resume_from) {
-    const std::string& path = *session.resume_from;
+    const std::string path = group.scheme() == Scheme::layer && !root
+                                 ? shard_path(*session.resume_from, group.rank(), group.size())
+                                 : *session.resume_from;
     const auto info = std::visit(
         [&](auto& o) { return ssmx::io::load_checkpoint(path, checkpoint_list(), o); }, opt);
     step = info.step;
@@ -215,17 +276,30 @@ int run(Config& cfg, Data& data, const Session& session) {
     train_seconds = number("train_seconds");
     if (info.extra.count("best_eval_step"))
       best = Eval{std::int64_t(number("best_eval_step")), number("best_eval_loss"), number("best_eval_accuracy")};
-    for (std::size_t i = 0; i < carry_slots.size(); ++i)
-      carry_tensors(i).push_back(carry_slots[i]->value.clone(ssmx::Tag::Activations));
+    if (!carry_slots.empty()) {
+      carry.final_states.resize(std::size_t(K));  // layers this rank does not hold stay empty
+      if (halo > 0) carry.final_halo.resize(std::size_t(K));
+    }
+    for (const auto& c : carry_slots) {  // this rank's rows
+      const ssmx::Tensor<T>& all = c.saved->value;
+      const index_t per_row = all.numel() / all.dims()[0];
+      ssmx::Dims d = all.dims();
+      d[0] = row_end - row_begin;
+      ssmx::Tensor<T> mine(d, ssmx::Tag::Activations);
+      std::copy_n(all.data() + row_begin * per_row, mine.numel(), mine.data());
+      carried(c)[std::size_t(c.layer)] = std::move(mine);
+    }
   }
+  // Every rank has checked its inputs and loaded its part before rank 0 writes anything.
+  group.check_same("the step to start from", std::uint64_t(step));
+  group.check_same_layout(model.parameters());
 
-  // Only now, with the inputs checked and the checkpoint loaded, does anything go to disk.
   const std::string metrics_path = session.out + "/metrics.jsonl";
   MetricsFile metrics;
   std::size_t dropped = 0;
-  if (session.resume_from) {
+  if (root && session.resume_from) {
     dropped = metrics.resume(metrics_path, step);
-  } else {
+  } else if (root) {
     fs::create_directories(session.out);
     metrics.create(metrics_path);
     nlohmann::ordered_json c = cfg.to_json();
@@ -234,28 +308,33 @@ int run(Config& cfg, Data& data, const Session& session) {
     ssmx::io::write_file_atomically(session.out + "/config.json", c.dump(2) + "\n");
   }
 
-  std::printf("ssmx %s train: model %s, vocab %ld\n", SSMX_VERSION_STRING, model_text.c_str(), long(data.vocab()));
-  std::printf("data: %s\n", data.description().c_str());
-  std::printf("%s, context %ld, batch %ld, %s lr %g (%s, warmup %ld), %ld steps\n", describe_strategy(cfg).c_str(),
-              long(cfg.context), long(cfg.batch), cfg.optimizer.c_str(), cfg.lr, cfg.schedule.c_str(),
-              long(std::min(cfg.warmup, cfg.steps)), long(cfg.steps));
-  std::printf("output: %s  (checkpoints: %s)\n", session.out.c_str(), session.checkpoint_dir.c_str());
-  if (session.resume_from)
-    std::printf("resuming from %s at step %ld%s\n", session.resume_from->c_str(), long(step),
-                dropped ? (" (dropped " + std::to_string(dropped) + " metrics lines written after it)").c_str() : "");
-  std::fflush(stdout);
+  if (root) {
+    std::printf("ssmx %s train: model %s, vocab %ld\n", SSMX_VERSION_STRING, model_text.c_str(), long(data.vocab()));
+    std::printf("data: %s\n", data.description().c_str());
+    std::printf("%s, context %ld, batch %ld, %s lr %g (%s, warmup %ld), %ld steps\n", describe_strategy(cfg).c_str(),
+                long(cfg.context), long(cfg.batch), cfg.optimizer.c_str(), cfg.lr, cfg.schedule.c_str(),
+                long(std::min(cfg.warmup, cfg.steps)), long(cfg.steps));
+    const std::string split = group.describe(K, index_t(cfg.batch), index_t(cfg.context));
+    if (!split.empty()) std::printf("%s\n", split.c_str());
+    std::printf("output: %s  (checkpoints: %s)\n", session.out.c_str(), session.checkpoint_dir.c_str());
+    if (session.resume_from)
+      std::printf("resuming from %s at step %ld%s\n", session.resume_from->c_str(), long(step),
+                  dropped ? (" (dropped " + std::to_string(dropped) + " metrics lines written after it)").c_str() : "");
+    std::fflush(stdout);
+  }
 
-  Progress progress(cfg.print_every);
+  Progress progress(cfg.print_every, /*bar=*/!group.distributed());
   std::string last_checkpoint;
   std::int64_t last_saved = session.resume_from ? step : -1;
   auto save = [&] {
     for (std::size_t i = 0; i < carry_slots.size(); ++i) {
-      auto& v = carry_tensors(i);
-      auto& dst = carry_slots[i]->value;
+      const CarrySlot& c = carry_slots[i];
+      auto& v = carried(c);
+      auto& dst = c.saved->value;
       if (v.empty())  // no step yet: the zero state
         std::fill_n(dst.data(), dst.numel(), T(0));
       else
-        std::copy_n(v[carry_index(i)].data(), dst.numel(), dst.data());
+        group.gather_rows(v[std::size_t(c.layer)], dst, int(i));
     }
     ssmx::io::Metadata extra{{"config", cfg.to_json().dump()},
                              {"data_cursor", data.cursor()},
@@ -266,18 +345,38 @@ int run(Config& cfg, Data& data, const Session& session) {
       extra["best_eval_loss"] = ssmx::io::exact_string(best.loss);
       extra["best_eval_accuracy"] = ssmx::io::exact_string(best.accuracy);
     }
-    last_checkpoint = std::visit(
-        [&](auto& o) { return ssmx::io::save_checkpoint_to_dir(session.checkpoint_dir, checkpoint_list(), o, step, extra); },
-        opt);
+    auto write_main = [&] {
+      last_checkpoint = std::visit(
+          [&](auto& o) {
+            return ssmx::io::save_checkpoint_to_dir(session.checkpoint_dir, checkpoint_list(), o, step, extra);
+          },
+          opt);
+    };
+    if (group.scheme() == Scheme::layer) {
+      if (!root) {
+        fs::create_directories(session.checkpoint_dir);
+        const std::string main = (fs::path(session.checkpoint_dir) / ssmx::io::checkpoint_file_name(step)).string();
+        std::visit(
+            [&](auto& o) {
+              ssmx::io::save_checkpoint(shard_path(main, group.rank(), group.size()), checkpoint_list(), o, step, extra);
+            },
+            opt);
+      }
+      group.barrier();  // every other rank's part is written and synced: now the part that completes it
+      if (root) write_main();
+    } else if (root) {
+      write_main();
+    }
     last_saved = step;
-    prune_checkpoints(session.checkpoint_dir, step, session.keep_checkpoints);
+    if (root) prune_checkpoints(session.checkpoint_dir, step, session.keep_checkpoints);
   };
   Eval last_eval;
   auto evaluate = [&] {
-    const auto r = data.evaluate(model, index_t(cfg.chunk));
+    const auto r = group.evaluate(model, data, index_t(cfg.chunk));
     if (r.tokens == 0) return;
     last_eval = Eval{step, r.mean_loss(), r.accuracy()};
     if (!best.valid() || last_eval.loss < best.loss) best = last_eval;
+    if (!root) return;
     JsonLine line;
     line.add("type", "eval").add("step", step).add("loss", last_eval.loss).add("accuracy", last_eval.accuracy);
     line.add("tokens", std::int64_t(r.tokens));
@@ -295,128 +394,157 @@ int run(Config& cfg, Data& data, const Session& session) {
   auto since_start = [&] { return std::chrono::duration<double>(Clock::now() - start).count(); };
   double run_seconds = 0;  // this invocation's steps
   std::int64_t run_tokens = 0, run_steps = 0;
-  std::size_t run_peak = 0;
+  std::vector<std::int64_t> run_peaks(std::size_t(group.size()), 0);  // per rank
   std::string stop_reason = step >= last ? "already done" : cfg.until > 0 && last < cfg.steps ? "until" : "completed";
+  int signal_received = 0, signalled_rank = -1;
   StepData sd;
   {
     StopSignals signals;
     while (step < last) {
-      if (cfg.minutes > 0 && since_start() >= cfg.minutes * 60) {
-        stop_reason = "time budget";
-        break;
-      }
       data.next(step, sd);
-      if (data.carries_state()) carry_over(carry, sd.continues);
+      if (data.carries_state()) carry_over(carry, sd.continues, row_begin);
       const double lr = schedule.lr(step);
       std::visit([&](auto& o) { o.set_lr(lr); }, opt);
       ssmx::reset_peak(ssmx::Space::Host);
       const auto t0 = Clock::now();
-      const auto r = train_step(model, opt, strategy, sd.batch(), cfg.clip, data.carries_state() ? &carry : nullptr);
+      const auto r = train_step(group, model, opt, strategy, sd, cfg.clip, data.carries_state() ? &carry : nullptr);
       run_seconds += std::chrono::duration<double>(Clock::now() - t0).count();
       train_seconds += std::chrono::duration<double>(Clock::now() - t0).count();
       ++step;
       ++run_steps;
       tokens_seen += sd.rows * sd.len;
       run_tokens += sd.rows * sd.len;
-      const std::size_t peak = ssmx::memory_stats(ssmx::Space::Host).peak;
-      run_peak = std::max(run_peak, peak);
+
+      // What every rank must decide alike, and each rank's peak memory: one collective.
+      const bool over_budget = cfg.minutes > 0 && since_start() >= cfg.minutes * 60;
+      const auto agreed = group.gather({StopSignals::requested(), over_budget ? 1 : 0,
+                                        std::int64_t(ssmx::memory_stats(ssmx::Space::Host).peak)});
+      std::int64_t peak = 0;
+      bool budget_spent = false;
+      for (int q = 0; q < group.size(); ++q) {
+        const std::int64_t* a = agreed.data() + 3 * q;
+        if (a[0] != 0 && signal_received == 0) signal_received = int(a[0]), signalled_rank = q;
+        budget_spent = budget_spent || a[1] != 0;
+        peak = std::max(peak, a[2]);
+        run_peaks[std::size_t(q)] = std::max(run_peaks[std::size_t(q)], a[2]);
+      }
       const double tps = double(run_tokens) / std::max(run_seconds, 1e-9);
 
-      if (step % cfg.log_every == 0 || step == last) {
+      if (root && (step % cfg.log_every == 0 || step == last)) {
         JsonLine line;
         line.add("type", "train").add("step", step).add("loss", r.mean_loss()).add("accuracy", r.accuracy());
         line.add("tokens", std::int64_t(r.tokens)).add("context", std::int64_t(sd.len)).add("lr", lr);
-        line.add("grad_norm", r.grad_norm).add("tokens_per_s", tps).add("peak_bytes", std::int64_t(peak));
+        line.add("grad_norm", r.grad_norm).add("tokens_per_s", tps).add("peak_bytes", peak);
         line.add("train_seconds", train_seconds);
         metrics.write(line);
       }
-      ProgressInfo pi;
-      pi.step = step;
-      pi.total = last;
-      pi.loss = r.mean_loss();
-      pi.accuracy = r.accuracy();
-      pi.tokens_per_s = tps;
-      pi.peak_bytes = double(peak);
-      pi.eta_seconds = since_start() / double(run_steps) * double(last - step);
-      if (cfg.minutes > 0) pi.eta_seconds = std::min(pi.eta_seconds, cfg.minutes * 60 - since_start());
-      progress.update(pi);
+      if (root) {
+        ProgressInfo pi;
+        pi.step = step;
+        pi.total = last;
+        pi.loss = r.mean_loss();
+        pi.accuracy = r.accuracy();
+        pi.tokens_per_s = tps;
+        pi.peak_bytes = double(peak);
+        pi.eta_seconds = since_start() / double(run_steps) * double(last - step);
+        if (cfg.minutes > 0) pi.eta_seconds = std::min(pi.eta_seconds, cfg.minutes * 60 - since_start());
+        progress.update(pi);
+      }
 
       if (cfg.eval_every > 0 && step % cfg.eval_every == 0 && step < last) evaluate();
       if (cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0 && step < last) save();
-      if (StopSignals::requested()) {
+      if (signal_received != 0) {
         stop_reason = "interrupted";
+        break;
+      }
+      if (budget_spent) {
+        stop_reason = "time budget";
         break;
       }
     }
   }
-  progress.finish();
+  if (root) progress.finish();
 
   const bool interrupted = stop_reason == "interrupted";
   if (!interrupted && last_eval.step != step) evaluate();  // the final evaluation
   if (last_saved != step) save();
+  const std::int64_t run_peak = *std::max_element(run_peaks.begin(), run_peaks.end());
 
-  // Summary and plot.
-  const std::string title = cfg.model + " on " + cfg.data + ", " + describe_strategy(cfg);
-  const std::string plot_path = write_plot(read_history(metrics_path), session.out, title);
-  nlohmann::ordered_json s;
-  s["model"] = cfg.model;
-  s["parameters"] = n_params;
-  s["data"] = cfg.data;
-  s["strategy"] = cfg.strategy;
-  s["stop_reason"] = stop_reason;
-  s["steps"] = step;
-  s["steps_planned"] = cfg.steps;
-  s["steps_this_run"] = run_steps;
-  s["tokens"] = tokens_seen;
-  s["train_seconds"] = train_seconds;
-  s["wall_seconds_this_run"] = since_start();
-  s["tokens_per_s"] = run_seconds > 0 ? double(run_tokens) / run_seconds : 0.0;
-  s["peak_bytes"] = run_peak;  // the tracked host allocator's peak over this run's steps
-  s["final_eval"] = last_eval.valid() ? eval_json(last_eval, data.chance()) : nlohmann::ordered_json();
-  s["best_eval"] = best.valid() ? eval_json(best, data.chance()) : nlohmann::ordered_json();
-  s["checkpoint"] = last_checkpoint;
-  s["metrics"] = metrics_path;
-  s["plot"] = plot_path;
-  ssmx::io::write_file_atomically(session.out + "/summary.json", s.dump(2) + "\n");
+  if (root) {
+    // Summary and plot.
+    const std::string title = cfg.model + " on " + cfg.data + ", " + describe_strategy(cfg);
+    const std::string plot_path = write_plot(read_history(metrics_path), session.out, title);
+    nlohmann::ordered_json s;
+    s["model"] = cfg.model;
+    s["parameters"] = n_params;
+    s["data"] = cfg.data;
+    s["strategy"] = cfg.strategy;
+    s["dist"] = cfg.dist;
+    s["ranks"] = group.size();
+    s["stop_reason"] = stop_reason;
+    s["steps"] = step;
+    s["steps_planned"] = cfg.steps;
+    s["steps_this_run"] = run_steps;
+    s["tokens"] = tokens_seen;
+    s["train_seconds"] = train_seconds;
+    s["wall_seconds_this_run"] = since_start();
+    s["tokens_per_s"] = run_seconds > 0 ? double(run_tokens) / run_seconds : 0.0;
+    s["peak_bytes"] = run_peak;  // the tracked host allocator's peak over this run's steps (the largest rank's)
+    if (group.distributed()) s["peak_bytes_per_rank"] = run_peaks;
+    s["final_eval"] = last_eval.valid() ? eval_json(last_eval, data.chance()) : nlohmann::ordered_json();
+    s["best_eval"] = best.valid() ? eval_json(best, data.chance()) : nlohmann::ordered_json();
+    s["checkpoint"] = last_checkpoint;
+    s["metrics"] = metrics_path;
+    s["plot"] = plot_path;
+    ssmx::io::write_file_atomically(session.out + "/summary.json", s.dump(2) + "\n");
 
-  std::printf("summary: %ld/%ld steps (%s), %s tokens in %s (%s tokens/s this run), peak %.1f MiB\n", long(step),
-              long(cfg.steps), stop_reason.c_str(), format_count(double(tokens_seen)).c_str(),
-              format_duration(train_seconds).c_str(), format_count(s["tokens_per_s"].get<double>()).c_str(),
-              double(run_peak) / double(1 << 20));
-  auto print_eval = [&](const char* what, const Eval& e) {
-    if (!e.valid()) return;
-    std::printf("%s eval at step %ld: loss %.4f  accuracy %.3f", what, long(e.step), e.loss, e.accuracy);
-    if (data.chance() >= 0) std::printf("  (chance %.3f)", data.chance());
-    std::printf("\n");
-  };
-  print_eval(interrupted ? "last " : "final", last_eval);
-  print_eval("best ", best);
-  std::printf("wrote %s/summary.json%s%s; checkpoint %s\n", session.out.c_str(), plot_path.empty() ? "" : ", ",
-              plot_path.c_str(), last_checkpoint.c_str());
-  if (interrupted)
-    std::printf("stopped by signal %d at step %ld; continue with --out %s --resume\n", StopSignals::requested(),
-                long(step), session.out.c_str());
+    std::printf("summary: %ld/%ld steps (%s), %s tokens in %s (%s tokens/s this run), peak %.1f MiB%s\n", long(step),
+                long(cfg.steps), stop_reason.c_str(), format_count(double(tokens_seen)).c_str(),
+                format_duration(train_seconds).c_str(), format_count(s["tokens_per_s"].get<double>()).c_str(),
+                double(run_peak) / double(1 << 20), group.distributed() ? " (the largest rank's)" : "");
+    auto print_eval = [&](const char* what, const Eval& e) {
+      if (!e.valid()) return;
+      std::printf("%s eval at step %ld: loss %.4f  accuracy %.3f", what, long(e.step), e.loss, e.accuracy);
+      if (data.chance() >= 0) std::printf("  (chance %.3f)", data.chance());
+      std::printf("\n");
+    };
+    print_eval(interrupted ? "last " : "final", last_eval);
+    print_eval("best ", best);
+    std::printf("wrote %s/summary.json%s%s; checkpoint %s\n", session.out.c_str(), plot_path.empty() ? "" : ", ",
+                plot_path.c_str(), last_checkpoint.c_str());
+    if (interrupted)
+      std::printf("stopped by signal %d at step %ld%s; continue with --out %s --resume\n", signal_received, long(step),
+                  group.distributed() ? (" (sent to rank " + std::to_string(signalled_rank) + ")").c_str() : "",
+                  session.out.c_str());
+    std::fflush(stdout);
+  }
+  // Every rank leaves together: a rank lost at the very end is noticed (SSMX_DIST_TIMEOUT)
+  // instead of being waited for in MPI_Finalize.
+  group.barrier();
   return 0;
 }
 
-int dispatch(Config& cfg, Data& data, const Session& session) {
+int dispatch(Config& cfg, Data& data, const Session& session, Group& group) {
   // One instantiation per preset (each costs compile time): keep this list short.
-  if (cfg.model == "diagonal-small") return run<nn::DiagonalSSM<T, 64, 16>, 2>(cfg, data, session);
-  if (cfg.model == "diagonal-base") return run<nn::DiagonalSSM<T, 256, 16>, 8>(cfg, data, session);
-  if (cfg.model == "mamba-tiny") return run<nn::Mamba<T, 64, 16, 2, 4>, 2>(cfg, data, session);
-  if (cfg.model == "mamba-130m") return run<nn::Mamba<T, 768, 16, 2, 4>, 24>(cfg, data, session);
+  if (cfg.model == "diagonal-small") return run<nn::DiagonalSSM<T, 64, 16>, 2>(cfg, data, session, group);
+  if (cfg.model == "diagonal-base") return run<nn::DiagonalSSM<T, 256, 16>, 8>(cfg, data, session, group);
+  if (cfg.model == "mamba-tiny") return run<nn::Mamba<T, 64, 16, 2, 4>, 2>(cfg, data, session, group);
+  if (cfg.model == "mamba-130m") return run<nn::Mamba<T, 768, 16, 2, 4>, 24>(cfg, data, session, group);
   throw UsageError("--model '" + cfg.model + "': not a preset");
 }
 
 // ---- command line -------------------------------------------------------------------------
 
 // On --resume: every saved field not given on the command line takes its saved value; a
-// given one that fixes the run's numbers must equal it.
-void merge_saved_config(Config& cfg, const CLI::App& app, const nlohmann::json& saved, const std::string& path) {
+// given one that fixes the run's numbers must equal it. Lines for the log go to `notes`
+// (printed by rank 0 once the ranks are known).
+void merge_saved_config(Config& cfg, const CLI::App& app, const nlohmann::json& saved, const std::string& path,
+                        std::vector<std::string>& notes) {
   for (const Field& f : cfg.fields()) {
     if (f.on_resume == OnResume::not_saved) continue;
-    SSMX_REQUIRE(saved.contains(f.name), ssmx::IOError, path, ": the saved config lacks field \"", f.name, "\"");
-    const nlohmann::json& was = saved[f.name];
+    SSMX_REQUIRE(saved.contains(f.name) || !f.if_absent.is_null(), ssmx::IOError, path,
+                 ": the saved config lacks field \"", f.name, "\"");
+    const nlohmann::json was = saved.contains(f.name) ? saved[f.name] : f.if_absent;
     const bool given = app.get_option(std::string("--") + f.name)->count() > 0;
     std::visit(
         [&](auto* p) {
@@ -426,8 +554,8 @@ void merge_saved_config(Config& cfg, const CLI::App& app, const nlohmann::json& 
             throw UsageError(ssmx::detail::str("--", f.name, " ", now.dump(), " differs from the value the run was started with, ",
                                                was.dump(), " (saved in ", path, "); a resumed run keeps it: drop the flag, or start a new run with another --out"));
           if (given && now != was && std::string(f.name) == "steps")
-            std::printf("note: --steps changes from %s to %s; the learning-rate schedule now spans %s steps\n",
-                        was.dump().c_str(), now.dump().c_str(), now.dump().c_str());
+            notes.push_back("note: --steps changes from " + was.dump() + " to " + now.dump() +
+                            "; the learning-rate schedule now spans " + now.dump() + " steps");
           if (!given) {
             try {
               *p = was.get<V>();
@@ -441,8 +569,16 @@ void merge_saved_config(Config& cfg, const CLI::App& app, const nlohmann::json& 
   }
 }
 
-std::string default_out(const Config& c) {
-  const std::time_t now = std::time(nullptr);
+// The number of ranks a run was started with (its saved config; 1 before --dist existed).
+std::int64_t saved_ranks(const nlohmann::json& saved, const std::string& path) {
+  if (!saved.contains("ranks")) return 1;
+  const auto& r = saved["ranks"];
+  SSMX_REQUIRE(r.is_number_integer() && r.get<std::int64_t>() >= 1, ssmx::IOError, path,
+               ": the saved config's field \"ranks\" is ", r.dump(), ", expected an integer >= 1");
+  return r.get<std::int64_t>();
+}
+
+std::string default_out(const Config& c, std::time_t now) {
   char stamp[32];
   std::strftime(stamp, sizeof stamp, "%Y%m%d-%H%M%S", std::localtime(&now));
   const std::string kind = c.data.substr(0, c.data.find(':'));
@@ -463,6 +599,16 @@ void check_fresh(const Session& s) {
   }
 }
 
+// What every rank must be given alike: every flag but --threads (a machine may have other cores).
+nlohmann::json rank_flags(Config& cfg, const Session& s, bool resume) {
+  nlohmann::json j = nlohmann::json::object();
+  for (const Field& f : cfg.fields())
+    if (std::string(f.name) != "threads") std::visit([&](auto* p) { j[f.name] = *p; }, f.value);
+  j["keep-checkpoints"] = s.keep_checkpoints;
+  j["resume"] = resume ? 1 : 0;
+  return j;
+}
+
 int main(int argc, char** argv) {
   Config cfg;
   Session session;
@@ -481,23 +627,18 @@ int main(int argc, char** argv) {
   app.add_flag("--resume", resume, "continue the run in --out (or --checkpoint-dir) from its latest checkpoint");
   CLI11_PARSE(app, argc, argv);
 
+  std::optional<Group> group;  // MPI, when --dist asks for it
   try {
     if (cfg.device == "cuda")
       throw UsageError("--device cuda: the training engine runs on the host only in this version "
                        "(the CUDA backend has no training path yet); use --device cpu");
-    if (cfg.device == "auto") {
-      std::printf("device: cpu (auto: the training engine runs on the host)\n");
-      std::fflush(stdout);
-    }
 
-    if (cfg.threads > 0) {
 #if defined(_OPENMP)
-      omp_set_num_threads(int(cfg.threads));
-#else
-      std::printf("note: --threads %ld ignored: this build has no OpenMP\n", long(cfg.threads));
+    if (cfg.threads > 0) omp_set_num_threads(int(cfg.threads));
 #endif
-    }
 
+    std::vector<std::string> notes;
+    std::int64_t started_ranks = 1;
     if (resume) {
       SSMX_REQUIRE(!cfg.out.empty() || !cfg.checkpoint_dir.empty(), UsageError,
                    "--resume: pass --out DIR (or --checkpoint-dir DIR) of the run to continue");
@@ -515,10 +656,39 @@ int main(int argc, char** argv) {
       const auto saved = nlohmann::json::parse(it->second, nullptr, false);
       SSMX_REQUIRE(saved.is_object(), ssmx::IOError, *latest,
                    ": field \"__metadata__.extra.config\" is not a JSON object");
-      merge_saved_config(cfg, app, saved, *latest);
+      merge_saved_config(cfg, app, saved, *latest, notes);
+      started_ranks = saved_ranks(saved, *latest);
       session.resume_from = *latest;
     }
-    if (cfg.out.empty()) cfg.out = default_out(cfg);
+
+    // MPI from here on (--dist, possibly from the saved config): errors end every rank.
+    const Scheme scheme = parse_scheme(cfg.dist);
+    SSMX_REQUIRE(scheme != Scheme::none || launcher_job_size() <= 1, UsageError, "--dist none, but this is one of ",
+                 launcher_job_size(), " processes started by mpirun: each would train the whole run by itself "
+                 "into the same --out; pass --dist data, layer or sequence");
+    group.emplace(scheme, &argc, &argv);
+    cfg.ranks = group->size();
+    if (group->root()) {
+      if (cfg.device == "auto") std::printf("device: cpu (auto: the training engine runs on the host)\n");
+#if !defined(_OPENMP)
+      if (cfg.threads > 0) std::printf("note: --threads %ld ignored: this build has no OpenMP\n", long(cfg.threads));
+#endif
+      for (const auto& n : notes) std::printf("%s\n", n.c_str());
+      std::fflush(stdout);
+    }
+    SSMX_REQUIRE(!resume || started_ranks == cfg.ranks, UsageError, "--resume: the run was started with ", started_ranks,
+                 started_ranks == 1 ? " rank" : " ranks", " (--dist ", cfg.dist, ", saved in ",
+                 session.resume_from.value_or(""), "), but this job has ", cfg.ranks,
+                 ": resume it with mpirun -np ", started_ranks, started_ranks == 1 && scheme == Scheme::none ? " (or without mpirun)" : "");
+    SSMX_REQUIRE(scheme != Scheme::data || cfg.batch % cfg.ranks == 0, UsageError, "--dist data: --batch ", cfg.batch,
+                 " rows do not split evenly over ", cfg.ranks, " ranks; use a multiple of ", cfg.ranks);
+    SSMX_REQUIRE(scheme != Scheme::sequence || cfg.strategy == "adjoint", UsageError,
+                 "--dist sequence works with --strategy adjoint only, not ", cfg.strategy);
+
+    if (cfg.out.empty()) {  // the same on every rank: rank 0's clock
+      const auto now = group->gather({group->root() ? std::int64_t(std::time(nullptr)) : 0});
+      cfg.out = default_out(cfg, std::time_t(now[0]));
+    }
     if (cfg.checkpoint_dir.empty()) cfg.checkpoint_dir = cfg.out + "/checkpoints";
     session.out = cfg.out;
     session.checkpoint_dir = cfg.checkpoint_dir;
@@ -527,13 +697,14 @@ int main(int argc, char** argv) {
                  " exceeds --context ", cfg.context);
 
     Data data(cfg);  // reads and checks the data; fills cfg.vocab
-    return dispatch(cfg, data, session);
-  } catch (const UsageError& e) {
-    std::fprintf(stderr, "train: error: %s\n", e.what());
-    return 2;
+    group->check_same_flags(rank_flags(cfg, session, resume));
+    return dispatch(cfg, data, session, *group);
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "train: error: %s\n", e.what());
-    return 1;
+    const int code = dynamic_cast<const UsageError*>(&e) ? 2 : 1;
+    const bool distributed = group && group->distributed();
+    std::fprintf(stderr, "train: error: %s%s\n", distributed ? (group->who() + ": ").c_str() : "", e.what());
+    if (distributed) group->abort(code);  // the other ranks may wait in a collective
+    return code;
   }
 }
 

@@ -13,7 +13,14 @@
 #include <variant>
 #include <vector>
 
+#include <ssmx/core/error.hpp>
+
 namespace train {
+
+// A usage error: exit status 2 instead of 1.
+struct UsageError : ssmx::ValueError {
+  using ssmx::ValueError::ValueError;
+};
 
 // What a field does when a run is resumed.
 enum class OnResume {
@@ -28,6 +35,9 @@ struct Field {
   OnResume on_resume;
   const char* help;
   std::optional<CLI::Validator> check = std::nullopt;  // on the command line only
+  // The value a checkpoint saved before this flag existed stands for (null: none; such a
+  // checkpoint cannot be resumed).
+  nlohmann::json if_absent = nullptr;
 };
 
 struct Config {
@@ -35,6 +45,9 @@ struct Config {
   std::string model = "diagonal-small";
   std::string strategy = "adjoint";
   std::int64_t chunk = 256, window = 1024, shard = 64;
+  // distribution over the ranks of an MPI job (dist.hpp); ranks is not a flag: the job's size
+  std::string dist = "none";
+  std::int64_t ranks = 1;
   // data
   std::string data = "recall";
   std::int64_t context = 2048, batch = 2, vocab = 0, eot = 50256;
@@ -64,6 +77,11 @@ struct Config {
         {"chunk", &chunk, mm, "tokens recomputed at a time by the adjoint backward (and evaluation chunk)", positive},
         {"window", &window, mm, "T-bar of --strategy truncated: how far back each loss term reaches", positive},
         {"shard", &shard, mm, "tokens per VJP shard (adjoint, truncated)", positive},
+        {"dist", &dist, mm,
+         "split each step over the ranks of `mpirun -np R`: none | data (batch rows) | layer (blocks of layers) | "
+         "sequence (tokens of every row; --strategy adjoint); a rank waits at most SSMX_DIST_TIMEOUT seconds "
+         "(default 300) for the others, then the job ends with an error",
+         CLI::IsMember({"none", "data", "layer", "sequence"}), "none"},
         {"data", &data, mm, "recall | tokens:PATH (llm.c token file) | text:PATH (bytes of any file, vocab 256)"},
         {"context", &context, mm, "tokens per row per step", positive},
         {"batch", &batch, mm, "rows per step", positive},
@@ -110,11 +128,12 @@ struct Config {
   }
 
   // The fields saved with a checkpoint, as JSON (numbers keep every bit: nlohmann prints
-  // doubles with 17 significant digits).
+  // doubles with 17 significant digits), and the number of ranks.
   nlohmann::json to_json() {
     nlohmann::json j = nlohmann::json::object();
     for (const Field& f : fields())
       if (f.on_resume != OnResume::not_saved) std::visit([&](auto* p) { j[f.name] = *p; }, f.value);
+    j["ranks"] = ranks;
     return j;
   }
 };

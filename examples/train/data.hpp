@@ -20,6 +20,7 @@
 #include <optional>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <ssmx/data/packing.hpp>
@@ -40,26 +41,33 @@ struct StepData {
   std::vector<token_t> inputs, targets;
   std::vector<std::uint8_t> starts;     // empty: no document boundaries (recall)
   std::vector<std::uint8_t> continues;  // per row; empty: no row continues (recall)
-  ssmx::nn::Batch batch() const {
-    return {inputs.data(), targets.data(), rows, len, starts.empty() ? nullptr : starts.data()};
+  ssmx::nn::Batch batch() const { return batch(0, rows); }
+  // Rows [r0, r1) alone (--dist data: a rank's share).
+  ssmx::nn::Batch batch(index_t r0, index_t r1) const {
+    return {inputs.data() + r0 * len, targets.data() + r0 * len, r1 - r0, len,
+            starts.empty() ? nullptr : starts.data() + r0 * len};
   }
 };
 
 // The state before a call is the state after the previous one, except in rows that begin
 // afresh (continues[r] == 0), which start from zero. Truncated BPTT: no gradient flows back
-// into the previous step.
+// into the previous step. The states' row r is row first_row + r of the batch (a rank's share
+// under --dist data); empty tensors are layers this process does not hold (--dist layer).
 template <class T>
-void carry_over(ssmx::nn::LayerStates<T>& st, const std::vector<std::uint8_t>& continues) {
+void carry_over(ssmx::nn::LayerStates<T>& st, const std::vector<std::uint8_t>& continues, index_t first_row = 0) {
   st.initial = std::move(st.final_states);
   st.initial_halo = std::move(st.final_halo);
   st.final_states.clear();
   st.final_halo.clear();
   for (auto* v : {&st.initial, &st.initial_halo})
     for (auto& t : *v) {
+      if (t.numel() == 0) continue;
       const index_t rows = t.dims()[0], per_row = t.numel() / rows;
-      for (index_t r = 0; r < rows; ++r)
-        if (r >= index_t(continues.size()) || !continues[std::size_t(r)])
+      for (index_t r = 0; r < rows; ++r) {
+        const index_t row = first_row + r;
+        if (row >= index_t(continues.size()) || !continues[std::size_t(row)])
           std::fill_n(t.data() + r * per_row, per_row, T(0));
+      }
     }
 }
 
@@ -138,30 +146,41 @@ class Data {
     if (train_) train_->restore(cursor);
   }
 
-  // Loss and accuracy on the held-out data; tokens == 0 when there is none.
-  template <class LM>
-  ssmx::nn::StepResult evaluate(LM& model, index_t chunk) {
+  // Loss and accuracy on the held-out data, the sum of eval(batch, states) over its batches
+  // (states: the recurrent state carried from batch to batch of packed data, else null);
+  // tokens == 0 when there is none. Only rows [n·part/parts, n·(part+1)/parts) of each batch
+  // go to `eval` (--dist data: a rank's share; the caller sums over the ranks).
+  template <class T, class Eval>
+  ssmx::nn::StepResult evaluate(Eval&& eval, int part = 0, int parts = 1) {
     ssmx::nn::StepResult total;
     auto add = [&](const ssmx::nn::StepResult& r) {
       total.loss += r.loss;
       total.tokens += r.tokens;
       total.correct += r.correct;
     };
+    auto share = [&](index_t n) { return std::pair<index_t, index_t>(n * part / parts, n * (part + 1) / parts); };
     if (recall_) {
-      const index_t n = index_t(eval_inputs_.size()) / context_;
-      add(model.evaluate(ssmx::nn::Batch{eval_inputs_.data(), eval_targets_.data(), n, context_}, chunk));
+      const auto [r0, r1] = share(index_t(eval_inputs_.size()) / context_);
+      if (r1 > r0)
+        add(eval(ssmx::nn::Batch{eval_inputs_.data() + r0 * context_, eval_targets_.data() + r0 * context_, r1 - r0,
+                                 context_},
+                 static_cast<ssmx::nn::LayerStates<T>*>(nullptr)));
       return total;
     }
     if (!val_) return total;
     val_->restore(val_start_);  // the same held-out batches every time
-    ssmx::nn::LayerStates<typename LM::T> st;
+    ssmx::nn::LayerStates<T> st;
     ssmx::data::PackedBatch b;
     index_t seen = 0;
     do {
       val_->next(b);
-      carry_over(st, b.continues);
-      add(model.evaluate(ssmx::nn::Batch{b.inputs.data(), b.targets.data(), b.rows, b.chunk_len, b.starts.data()},
-                         chunk, &st));
+      const auto [r0, r1] = share(b.rows);
+      carry_over(st, b.continues, r0);
+      const index_t len = b.chunk_len;
+      if (r1 > r0)
+        add(eval(ssmx::nn::Batch{b.inputs.data() + r0 * len, b.targets.data() + r0 * len, r1 - r0, len,
+                                 b.starts.data() + r0 * len},
+                 &st));
       seen += b.rows * b.chunk_len;
     } while (!b.last_of_epoch && seen < eval_budget_);
     return total;

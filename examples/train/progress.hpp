@@ -1,5 +1,7 @@
 // Progress display: on a terminal, one bar redrawn in place after every step; otherwise
 // (a log file, a pipe, CI) a plain line every --print-every steps, so logs stay readable.
+// Under mpirun always plain lines: Open MPI hands each rank a pseudo-terminal even when
+// mpirun's own output goes to a file.
 // Private to examples/train.cpp; include it from there.
 #pragma once
 
@@ -50,7 +52,8 @@ struct ProgressInfo {
 
 class Progress {
  public:
-  explicit Progress(std::int64_t print_every) : tty_(isatty(STDOUT_FILENO) == 1), every_(print_every) {}
+  explicit Progress(std::int64_t print_every, bool bar = true)
+      : tty_(bar && isatty(STDOUT_FILENO) == 1), every_(print_every) {}
   bool tty() const { return tty_; }
 
   void update(const ProgressInfo& p) {

@@ -1,6 +1,8 @@
-// SIGINT and SIGTERM ask the training loop to stop: the handler only sets a flag, which
-// the loop reads after each step, then saves a checkpoint and exits 0. A second signal
-// quits at once (checkpoints are written atomically, so none is left half-written).
+// SIGINT, SIGTERM and SIGUSR1 ask the training loop to stop: the handler only sets a flag,
+// which the loop reads after each step (under --dist, every rank learns of it in the same
+// step), then saves a checkpoint and exits 0. A second signal quits at once (checkpoints are
+// written atomically, so none is left half-written). SIGUSR1 is for MPI jobs: Open MPI's
+// mpirun forwards it to every rank, whereas it answers SIGINT/SIGTERM by killing the ranks.
 // Private to examples/train.cpp; include it from there.
 #pragma once
 
@@ -30,10 +32,12 @@ class StopSignals {
     sa.sa_flags = SA_RESTART;  // file writes in progress carry on rather than fail with EINTR
     sigaction(SIGINT, &sa, &old_int_);
     sigaction(SIGTERM, &sa, &old_term_);
+    sigaction(SIGUSR1, &sa, &old_usr1_);
   }
   ~StopSignals() {
     sigaction(SIGINT, &old_int_, nullptr);
     sigaction(SIGTERM, &old_term_, nullptr);
+    sigaction(SIGUSR1, &old_usr1_, nullptr);
   }
   StopSignals(const StopSignals&) = delete;
   StopSignals& operator=(const StopSignals&) = delete;
@@ -41,7 +45,7 @@ class StopSignals {
   static int requested() { return stop_signal.load(); }
 
  private:
-  struct sigaction old_int_ {}, old_term_ {};
+  struct sigaction old_int_ {}, old_term_ {}, old_usr1_ {};
 };
 
 }  // namespace train

@@ -14,9 +14,38 @@
 #   expect-error REGEX ARGS...
 #                 `train ARGS...` run in an empty WORK must fail with a message matching
 #                 REGEX and leave WORK empty.
+#
+# Several processes (--dist): these modes take the mpiexec command line first, up to `--`
+# (the executable, its process-count flag, then flags such as --oversubscribe); most run
+# 2 ranks:
+#
+#   dist-data | dist-layer | dist-sequence  -- FLAGS...
+#       run S: one process; run A: 2N steps on 2 ranks; run B: 2 ranks stopped after step
+#       N + 1, rank 0's part of checkpoint N + 1 and `latest` deleted (as if the job died
+#       while saving: the other ranks' parts stay), then resumed on 2 ranks. B's losses
+#       must equal A's bit for bit; A's (train and eval) must equal S's to 1e-5 relative.
+#   dist-sigint   SIGINT to one rank: every rank stops at the same step, a checkpoint, exit
+#                 0, and the run resumes from it.
+#   dist-killed   one rank killed (SIGKILL) with mpiexec told not to end the job: the other
+#                 fails within SSMX_DIST_TIMEOUT (5 s here), naming the timeout; the last
+#                 checkpoint stays valid (the run resumes from it).
+#   dist-mismatch ranks given different flags (--seed) fail on start, naming the flag and
+#                 writing nothing; --resume with another number of ranks or another --dist
+#                 fails naming both values and changes nothing.
+#   dist-expect-error RANKS REGEX ARGS...
+#                 as expect-error, under mpiexec with RANKS ranks.
 set -euo pipefail
 mode=$1 train=$2 work=$3 src=$4
 shift 4
+mpi=()  # dist modes: the mpiexec command line
+if [[ $mode == dist-* ]]; then
+  while [ $# -gt 0 ] && [ "$1" != "--" ]; do mpi+=("$1"); shift; done
+  [ $# -gt 0 ] || { echo "FAIL: $mode: expected the mpiexec command line, then --" >&2; exit 1; }
+  shift
+  [ ${#mpi[@]} -ge 2 ] || { echo "FAIL: $mode: the mpiexec command line needs the executable and its -np flag" >&2; exit 1; }
+fi
+# `np N ARGS...`: train ARGS... on N ranks.
+np() { local n=$1; shift; "${mpi[0]}" "${mpi[1]}" "$n" "${mpi[@]:2}" "$train" "$@"; }
 [ -f "$train" ] && [ -x "$train" ] || { echo "FAIL: $train is not an executable" >&2; exit 1; }
 # WORK is wiped: only when it is empty or one of ours (the marker), never some other directory.
 if [ -d "$work" ] && [ -n "$(ls -A "$work")" ] && [ ! -f "$work/.trainer_test" ]; then
@@ -28,6 +57,7 @@ mkdir -p "$work"
 cd "$work"
 touch .trainer_test
 export OMP_NUM_THREADS=1  # tiny models: threads only add overhead (and contention on busy CI)
+export OMP_WAIT_POLICY=passive  # several ranks share the cores: no spinning
 
 fail() { echo "FAIL: $*" >&2; exit 1; }
 # "step loss" of every train line of a metrics file.
@@ -74,7 +104,174 @@ resume_test() {  # N, then the flags of the run
   echo "PASS: steps 1..$((2 * n)) have identical losses"
 }
 
+# The loss of every train and eval line of a metrics file: "type step loss".
+all_losses() { sed -nE 's/^\{"type":"(train|eval)","step":([0-9]+),"loss":([^,]+),.*$/\1 \2 \3/p' "$1"; }
+
+# The pid of rank $2 among the train processes started under $1 (mpiexec, or a shell running it).
+descendants() { local c; for c in $(pgrep -P "$1" || true); do echo "$c"; descendants "$c"; done; }
+rank_pid() {
+  local p ranks=()
+  for p in $(descendants "$1"); do
+    [ "$(cat "/proc/$p/comm" 2> /dev/null)" = "$(basename "$train" | cut -c1-15)" ] || continue
+    ranks+=("$p")
+    tr '\0' '\n' < "/proc/$p/environ" 2> /dev/null | grep -qx "OMPI_COMM_WORLD_RANK=$2" && { echo "$p"; return; }
+  done
+  [ ${#ranks[@]} -gt "$2" ] && echo "${ranks[$2]}"  # another MPI: the ranks in the order they were started
+}
+
+# Waits (up to 30 s) until metrics file $1 has a train line for a step >= $2.
+wait_for_step() {
+  for _ in $(seq 300); do
+    [ "$(losses "$1" 2> /dev/null | tail -1 | cut -d' ' -f1)" -ge "$2" ] 2> /dev/null && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+dist_test() {  # the scheme, then the flags of the run
+  local scheme=$1 n=3
+  shift
+  local common=(--steps $((2 * n)) --checkpoint-every "$n" --keep-checkpoints 0 --eval-every 2 --print-every 1 "$@")
+  "$train" --out S "${common[@]}" > S.log 2>&1 || { cat S.log; fail "run S (one process) failed"; }
+  np 2 --dist "$scheme" --out A "${common[@]}" > A.log 2>&1 || { cat A.log; fail "run A (2 ranks) failed"; }
+  np 2 --dist "$scheme" --out B "${common[@]}" --until $((n + 1)) > B1.log 2>&1 ||
+    { cat B1.log; fail "run B (2 ranks, first part) failed"; }
+  cat A.log
+  local ckpt=B/checkpoints/$(printf 'step_%08d' $((n + 1)))
+  if [ "$scheme" = layer ]; then
+    [ -f "$ckpt.rank-1-of-2.safetensors" ] || fail "--dist layer: no $ckpt.rank-1-of-2.safetensors"
+  else
+    [ -z "$(ls B/checkpoints | grep rank-)" ] || fail "--dist $scheme wrote per-rank files: $(ls B/checkpoints)"
+  fi
+  # As if the job had died after the other ranks saved step N + 1 but before rank 0 did.
+  rm -f B/checkpoints/latest "$ckpt.safetensors"
+  np 2 --out B --resume > B2.log 2>&1 || { cat B2.log; fail "run B (2 ranks, resumed) failed"; }
+  cat B2.log
+  grep -q "resuming from .*step_$(printf '%08d' "$n").safetensors at step $n (dropped 2 metrics lines" B2.log ||
+    fail "B did not resume from step $n, dropping the lines of step $((n + 1))"
+  grep -q "^dist: " B2.log || fail "the log does not say how the run is split"
+  grep -Eq '"dist": "'"$scheme"'"' A/config.json && grep -Eq '"ranks": 2' A/config.json ||
+    fail "A/config.json does not record --dist $scheme and 2 ranks"
+  [ "$(losses A/metrics.jsonl | wc -l)" -eq $((2 * n)) ] || fail "A logged $(losses A/metrics.jsonl | wc -l) steps"
+  diff <(losses A/metrics.jsonl) <(losses B/metrics.jsonl) ||
+    fail "the resumed run's losses differ from the uninterrupted run's (2 ranks)"
+  # Against one process: the same steps up to the rounding of sums taken in another order
+  # (gradients summed over ranks, float32 throughout). Observed: 1e-7 relative after 6 AdamW
+  # steps; 1e-5 leaves room for other compilers and CPUs, while a lost row, token or layer
+  # changes the loss by 1e-3 or more.
+  paste -d' ' <(all_losses S/metrics.jsonl) <(all_losses A/metrics.jsonl) | awk '
+    { n++; if ($1 != $4 || $2 != $5) { print "FAIL: line " n ": " $1 " " $2 " vs " $4 " " $5; bad = 1; next }
+      d = $3 - $6; if (d < 0) d = -d; s = $3 < 0 ? -$3 : $3
+      if (d > 1e-5 * s) { printf "FAIL: %s step %d: loss %.9g on one process, %.9g on 2 ranks\n", $1, $2, $3, $6; bad = 1 }
+      if (d > worst) worst = d / s }
+    END { if (n != 9) { print "FAIL: " n " losses compared, expected 9"; bad = 1 }
+          printf "largest relative difference from one process: %.3g\n", worst; exit bad }' ||
+    fail "2 ranks (--dist $scheme) do not reproduce the one-process run"
+  [ -s B/summary.json ] && grep -q '"ranks": 2' B/summary.json || fail "B/summary.json is missing or lacks the ranks"
+  echo "PASS: --dist $scheme on 2 ranks: steps 1..$((2 * n)) as one process; resumed bit for bit"
+}
+
 case "$mode" in
+  dist-data)
+    dist_test data --data "text:$src/README.md" --model mamba-tiny --strategy truncated --window 16 --context 32 \
+      --batch 4 --val-fraction 0.1 --eval-tokens 256
+    ;;
+  dist-layer)
+    dist_test layer --data "text:$src/README.md" --model mamba-tiny --chunk 8 --context 32 --batch 2 \
+      --val-fraction 0.1 --eval-tokens 256
+    ;;
+  dist-sequence)
+    dist_test sequence --data "text:$src/README.md" --model mamba-tiny --chunk 8 --context 32 --batch 2 \
+      --val-fraction 0.1 --eval-tokens 256
+    ;;
+  dist-sigint)
+    np 2 --dist data --out R --data recall --context 64 --steps 100000 --eval-every 0 --checkpoint-every 0 \
+      > R1.log 2>&1 &
+    pid=$!
+    wait_for_step R/metrics.jsonl 2 || { kill -9 $pid; cat R1.log; fail "no step logged within 30 s"; }
+    victim=$(rank_pid $pid 1)
+    [ -n "$victim" ] || { kill -9 $pid; fail "rank 1 not found among the children of mpiexec ($pid)"; }
+    kill -INT "$victim"  # one rank only: the ranks must agree to stop
+    rc=0
+    wait $pid || rc=$?
+    cat R1.log
+    [ $rc -eq 0 ] || fail "SIGINT to rank 1: exit status $rc, expected 0"
+    grep -Eq "stopped by signal 2 at step [0-9]+ \(sent to rank 1\)" R1.log || fail "no stop message naming rank 1"
+    [ -f R/checkpoints/latest ] || fail "SIGINT: no checkpoint"
+    grep -q '"stop_reason": "interrupted"' R/summary.json || fail "summary.json does not say interrupted"
+    step=$(losses R/metrics.jsonl | tail -1 | cut -d' ' -f1)
+    grep -q "$(printf 'step_%08d' "$step")" R/checkpoints/latest || fail "the checkpoint is not that of step $step"
+    np 2 --out R --resume --until $((step + 2)) > R2.log 2>&1 || { cat R2.log; fail "resume after SIGINT failed"; }
+    cat R2.log
+    grep -q "at step $step" R2.log || fail "did not resume at step $step"
+    [ "$(losses R/metrics.jsonl | tail -1 | cut -d' ' -f1)" -eq $((step + 2)) ] || fail "resumed run did not reach step $((step + 2))"
+    echo "PASS"
+    ;;
+  dist-killed)
+    # mpiexec would end the job itself when a rank dies; told not to, the survivor's timeout must.
+    start=$SECONDS
+    env SSMX_DIST_TIMEOUT=5 "${mpi[0]}" "${mpi[1]}" 2 "${mpi[@]:2}" --mca orte_abort_on_non_zero_status 0 "$train" \
+      --dist data --out K --data recall --context 64 --steps 100000 --eval-every 0 --checkpoint-every 2 > K1.log 2>&1 &
+    pid=$!
+    wait_for_step K/metrics.jsonl 3 || { kill -9 $pid; cat K1.log; fail "no step 3 logged within 30 s"; }
+    victim=$(rank_pid $pid 1)
+    [ -n "$victim" ] || { kill -9 $pid; fail "rank 1 not found among the children of mpiexec ($pid)"; }
+    kill -9 "$victim"
+    killed_at=$SECONDS
+    rc=0
+    wait $pid || rc=$?
+    cat K1.log
+    [ $rc -ne 0 ] || fail "the job exited 0 after rank 1 was killed"
+    [ $((SECONDS - killed_at)) -lt 45 ] || fail "the job took $((SECONDS - killed_at)) s to end after rank 1 died"
+    grep -Eq "train: error: rank 0 of 2: .*timed out after 5 s" K1.log || fail "rank 0 did not report the timeout"
+    step=$(sed -E 's/step_0*([0-9]+)\.safetensors/\1/' K/checkpoints/latest)
+    np 2 --out K --resume --until $((step + 1)) > K2.log 2>&1 || { cat K2.log; fail "the last checkpoint does not resume"; }
+    cat K2.log
+    grep -q "at step $step" K2.log || fail "did not resume at step $step"
+    echo "PASS: the job ended $((SECONDS - killed_at)) s after rank 1 died ($((SECONDS - start)) s in all)"
+    ;;
+  dist-mismatch)
+    rc=0
+    "${mpi[0]}" "${mpi[1]}" 1 "${mpi[@]:2}" "$train" --dist data --out M --data recall --context 32 --steps 4 --seed 1 : \
+      "${mpi[1]}" 1 "$train" --dist data --out M --data recall --context 32 --steps 4 --seed 2 \
+      > M0.log 2>&1 || rc=$?
+    cat M0.log
+    [ $rc -ne 0 ] || fail "ranks with different --seed ran"
+    grep -Eq -- "train: error: rank [01] of 2: --seed differs between the ranks \(rank [01] of 2 has [12]\): .*rank 0: 1, rank 1: 2 \(differs from rank 0\)" M0.log ||
+      fail "the message does not name --seed and each rank's value"
+    [ ! -e M ] || fail "ranks that disagree wrote files: $(find M)"
+    np 2 --dist data --out M --data recall --context 32 --steps 4 --until 2 --eval-every 0 > M1.log 2>&1 ||
+      { cat M1.log; fail "first run failed"; }
+    before=$(sum M)
+    rc=0
+    np 3 --out M --resume > M2.log 2>&1 || rc=$?
+    cat M2.log
+    [ $rc -ne 0 ] || fail "a resume on 3 ranks of a 2-rank run succeeded"
+    grep -Eq -- "--resume: the run was started with 2 ranks \(--dist data, saved in M/checkpoints/step_00000002.safetensors\), but this job has 3: resume it with mpirun -np 2" M2.log ||
+      fail "the message does not name both numbers of ranks"
+    rc=0
+    "$train" --out M --resume > M3.log 2>&1 || rc=$?
+    cat M3.log
+    [ $rc -ne 0 ] && grep -q -- "started with 2 ranks .*, but this job has 1" M3.log || fail "a resume without mpirun not refused"
+    rc=0
+    np 2 --out M --resume --dist sequence > M4.log 2>&1 || rc=$?
+    cat M4.log
+    [ $rc -ne 0 ] && grep -q -- '--dist "sequence" differs from the value the run was started with, "data"' M4.log ||
+      fail "--dist mismatch not reported"
+    [ "$(sum M)" = "$before" ] || fail "a failed resume changed files"
+    echo "PASS"
+    ;;
+  dist-expect-error)
+    ranks=$1 regex=$2
+    shift 2
+    rc=0
+    np "$ranks" "$@" > out.log 2>&1 || rc=$?
+    cat out.log
+    [ $rc -ne 0 ] || fail "train $* on $ranks ranks succeeded"
+    grep -Eq -- "$regex" out.log || fail "the message does not match: $regex"
+    [ -z "$(ls -A | grep -v '^out.log$' | grep -v '^.trainer_test$')" ] || fail "a failing run wrote files: $(ls -A)"
+    echo "PASS"
+    ;;
   resume-recall)
     resume_test 3 --data recall --context 64 --batch 2 --curriculum-start 16 --curriculum-steps 2 --eval-sequences 2
     ;;
