@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <exception>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../nn/model.hpp"
@@ -89,6 +90,14 @@ void allreduce_gradients(Communicator& comm, const ParameterList<T>& params,
 }
 
 namespace detail {
+
+// Part `rank` of `size` contiguous parts of [0, n): lengths differ by at most one, the
+// longer parts first.
+inline std::pair<index_t, index_t> even_part(index_t n, int rank, int size) {
+  const index_t base = n / size, extra = n % size, r = rank;
+  const index_t begin = r * base + std::min(r, extra);
+  return {begin, begin + base + (r < extra ? 1 : 0)};
+}
 
 // Sums a step's local totals over `comm` with every rank's failure flag. If any rank
 // failed, every rank zeroes its gradients (`zero_grad`) and throws: the failing rank its

@@ -35,9 +35,7 @@ inline std::pair<index_t, index_t> layer_block(index_t K, int rank, int size) {
   SSMX_REQUIRE(size > 0 && rank >= 0 && rank < size, ValueError, "layer_block: rank ", rank, " of ", size);
   SSMX_REQUIRE(K >= size, ValueError, "layer sharding: ", K, " layers cannot be split over ", size,
                " ranks (each rank needs at least one layer): use at most ", K, " ranks");
-  const index_t base = K / size, extra = K % size, r = rank;
-  const index_t k0 = r * base + std::min(r, extra);
-  return {k0, k0 + base + (r < extra ? 1 : 0)};
+  return detail::even_part(K, rank, size);
 }
 
 // The nn::SequenceLink of a layer-sharded rank: the residual stream goes up, its gradient

@@ -38,9 +38,7 @@ namespace ssmx::dist {
 // differing by at most one, the longer ones first.
 inline std::pair<index_t, index_t> sequence_block(index_t seq_len, int rank, int size) {
   SSMX_REQUIRE(size > 0 && rank >= 0 && rank < size, ValueError, "sequence_block: rank ", rank, " of ", size);
-  const index_t base = seq_len / size, extra = seq_len % size, r = rank;
-  const index_t t0 = r * base + std::min(r, extra);
-  return {t0, t0 + base + (r < extra ? 1 : 0)};
+  return detail::even_part(seq_len, rank, size);
 }
 
 // The nn::SequenceLink of a sequence-sharded rank: token range, halo exchanges and carry
