@@ -102,10 +102,12 @@ Strategy make_strategy(const Config& c) {
 }
 
 std::string describe_strategy(const Config& c) {
-  if (c.strategy == "adjoint") return "adjoint (chunk " + std::to_string(c.chunk) + ", shard " + std::to_string(c.shard) + ")";
+  const std::string storage = c.storage == "bf16" ? ", bf16 stored inputs" : "";
+  if (c.strategy == "adjoint")
+    return "adjoint (chunk " + std::to_string(c.chunk) + ", shard " + std::to_string(c.shard) + storage + ")";
   if (c.strategy == "truncated")
-    return "truncated adjoint (window " + std::to_string(c.window) + ", shard " + std::to_string(c.shard) + ")";
-  return c.strategy;
+    return "truncated adjoint (window " + std::to_string(c.window) + ", shard " + std::to_string(c.shard) + storage + ")";
+  return c.strategy + (storage.empty() ? "" : " (" + storage.substr(2) + ")");
 }
 
 // Warmup, then a half cosine down to min_lr_ratio * lr (cosine) or lr held (constant).
@@ -188,6 +190,7 @@ int run(Config& cfg, Data& data, const Session& session, Group& group) {
   const bool root = group.root();  // prints and writes the run's files
   typename LM::Config model_config{data.vocab(), true, std::uint64_t(cfg.seed)};
   std::tie(model_config.layer_begin, model_config.layer_end) = group.layers(K, cfg.model);
+  model_config.bf16_inputs = cfg.storage == "bf16";
   LM model(model_config);
   Optimizer opt = make_optimizer(cfg);
   const Strategy strategy = make_strategy(cfg);

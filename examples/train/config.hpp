@@ -45,6 +45,7 @@ struct Config {
   std::string model = "diagonal-small";
   std::string strategy = "adjoint";
   std::int64_t chunk = 256, window = 1024, shard = 64;
+  std::string storage = "float";  // of the stored layer inputs
   // distribution over the ranks of an MPI job (dist.hpp); ranks is not a flag: the job's size
   std::string dist = "none";
   std::int64_t ranks = 1;
@@ -77,6 +78,9 @@ struct Config {
         {"chunk", &chunk, mm, "tokens recomputed at a time by the adjoint backward (and evaluation chunk)", positive},
         {"window", &window, mm, "T-bar of --strategy truncated: how far back each loss term reaches", positive},
         {"shard", &shard, mm, "tokens per VJP shard (adjoint, truncated)", positive},
+        {"storage", &storage, mm,
+         "stored layer inputs: float | bf16 (half the bytes of the adjoint's largest term; arithmetic stays float)",
+         CLI::IsMember({"float", "bf16"}), "float"},
         {"dist", &dist, mm,
          "split each step over the ranks of `mpirun -np R`: none | data (batch rows) | layer (blocks of layers) | "
          "sequence (tokens of every row; --strategy adjoint); a rank waits at most SSMX_DIST_TIMEOUT seconds "

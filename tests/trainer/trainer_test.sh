@@ -281,8 +281,9 @@ case "$mode" in
     ;;
   resume-tokens)
     make_token_file "$src/README.md" tokens.bin 4000
-    # Documents are lines (--eot 10): many starts and carried rows in every batch.
-    resume_test 3 --data tokens:tokens.bin --eot 10 --context 48 --batch 3 --optimizer sgd --lr 0.05 \
+    # Documents are lines (--eot 10): many starts and carried rows in every batch. The
+    # stored layer inputs in bfloat16: a resumed run still repeats every bit.
+    resume_test 3 --data tokens:tokens.bin --eot 10 --context 48 --batch 3 --storage bf16 --optimizer sgd --lr 0.05 \
       --schedule constant --warmup 2 --val-fraction 0.1 --eval-tokens 256
     ;;
   sigint)
