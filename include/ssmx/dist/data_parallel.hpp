@@ -101,10 +101,10 @@ inline std::pair<index_t, index_t> even_part(index_t n, int rank, int size) {
 
 // Sums a step's local totals over `comm` with every rank's failure flag. If any rank
 // failed, every rank zeroes its gradients (`zero_grad`) and throws: the failing rank its
-// own error, the others DistError naming it. `who` names the step in the message.
+// own error, the others DistError naming it ("<who>: <what> on rank(s) ...").
 template <class ZeroGrad>
 nn::StepResult agree_on_totals(Communicator& comm, const nn::StepResult& local, const std::exception_ptr& failure,
-                               const char* who, ZeroGrad&& zero_grad) {
+                               const char* who, ZeroGrad&& zero_grad, const char* what = "forward_backward failed") {
   // [loss, tokens, correct, failed flag of each rank], in double: counts stay exact below 2^53.
   std::vector<double> totals(3 + std::size_t(comm.size()), 0.0);
   totals[0] = local.loss;
@@ -118,7 +118,7 @@ nn::StepResult agree_on_totals(Communicator& comm, const nn::StepResult& local, 
   if (!failed.empty()) {
     zero_grad();
     if (failure) std::rethrow_exception(failure);
-    throw DistError(::ssmx::detail::str(who, ": forward_backward failed on rank(s) ", failed,
+    throw DistError(::ssmx::detail::str(who, ": ", what, " on rank(s) ", failed,
                                         "; the parameters were left unchanged on every rank"));
   }
   nn::StepResult r;

@@ -61,25 +61,16 @@ namespace detail {
 template <class Model>
 void check_layer_sharding(const Model& model, Communicator& comm, const char* who) {
   constexpr index_t K = Model::num_layers;
-  std::string problem;
+  std::exception_ptr failure;
   try {
     const auto [k0, k1] = layer_block(K, comm.rank(), comm.size());
-    if (model.layer_begin() != k0 || model.layer_end() != k1)
-      problem = ::ssmx::detail::str("rank ", comm.rank(), " holds layers [", model.layer_begin(), ", ",
-                                    model.layer_end(), ") instead of its block [", k0, ", ", k1,
-                                    ") (construct it with Config::layer_begin/layer_end from dist::layer_block)");
-  } catch (const std::exception& e) {
-    problem = e.what();
+    SSMX_REQUIRE(model.layer_begin() == k0 && model.layer_end() == k1, ValueError, who, ": rank ", comm.rank(),
+                 " holds layers [", model.layer_begin(), ", ", model.layer_end(), ") instead of its block [", k0, ", ",
+                 k1, ") (construct it with Config::layer_begin/layer_end from dist::layer_block)");
+  } catch (...) {
+    failure = std::current_exception();
   }
-  std::vector<int> bad(std::size_t(comm.size()), 0);
-  if (!problem.empty()) bad[std::size_t(comm.rank())] = 1;
-  comm.allreduce_sum(bad.data(), bad.size());
-  std::string ranks;
-  for (int q = 0; q < comm.size(); ++q)
-    if (bad[std::size_t(q)]) ranks += ::ssmx::detail::str(ranks.empty() ? "" : ", ", q);
-  if (!problem.empty()) throw ValueError(::ssmx::detail::str(who, ": ", problem));
-  if (!ranks.empty())
-    throw DistError(::ssmx::detail::str(who, ": the layer split is wrong on rank(s) ", ranks));
+  agree_on_totals(comm, nn::StepResult{}, failure, who, [] {}, "the layer split is wrong");
 }
 
 // With tied embeddings and R > 1 the embedding is on rank 0 (input) and the last rank
@@ -143,15 +134,13 @@ nn::TrainStepResult layer_parallel_train_step(Model& model, Optimizer& opt, Comm
                                               const Strategy& strategy = {}, const nn::StepOptions& so = {},
                                               nn::LayerStates<typename Model::T>* states = nullptr,
                                               Communicator* replicas = nullptr) {
-  using T = typename Model::T;
   constexpr const char* who = "layer_parallel_train_step";
   model.zero_grad();
   nn::TrainStepResult r;
   static_cast<nn::StepResult&>(r) = layer_parallel_forward_backward(model, comm, batch, strategy, states, replicas);
   detail::check_step_totals(r, who);
   const auto params = model.parameters();
-  const T scale = T(1.0 / double(r.tokens));
-  for (auto* p : params) assign(p->grad.view(), leaf(p->grad) * scale);
+  nn::scale_to_mean_loss(params, r.tokens);
   double ss = optim_detail::sum_of_squares(detail::norm_parameters(model, comm));
   comm.allreduce_sum(&ss, 1);
   const double norm = std::sqrt(ss);
@@ -159,10 +148,7 @@ nn::TrainStepResult layer_parallel_train_step(Model& model, Optimizer& opt, Comm
   // The norm is the same on every rank, so this throws on every rank alike.
   SSMX_REQUIRE(std::isfinite(norm), ValueError, who, ": the global gradient norm is not finite (", norm,
                "): the parameters were left unchanged");
-  if (so.clip_norm > 0 && norm > so.clip_norm) {
-    const T coef = T(so.clip_norm / norm);
-    for (auto* p : params) p->grad = p->grad * coef;
-  }
+  if (so.clip_norm > 0) clip_to_norm(params, norm, so.clip_norm);
   opt.step(params);
   return r;
 }

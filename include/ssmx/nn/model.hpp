@@ -506,7 +506,6 @@ StepResult Model<Layer, K>::sequence(const Batch& batch, index_t b, const Strate
     SSMX_REQUIRE(strategy.window >= 0, ValueError, "PaperAdjoint: window must be >= 0, got ", strategy.window);
   }
   const index_t nchunks = (n_tok + chunk - 1) / chunk;
-  auto row_of = [](Tensor<T>& t, index_t r, index_t width) { return t.data() + r * width; };
 
   // ---- forward: store each layer's input (after its halo rows) and its chunk-boundary states ----
   // Y[k]: input of layer k, [halo + n, P]; rows [0, halo) come before t0.
@@ -570,7 +569,7 @@ StepResult Model<Layer, K>::sequence(const Batch& batch, index_t b, const Strate
       compute_stretch(block(k), Yk.read(c0, halo + c1, st.y_hold), CV(bk.view()).slice(c, c + 1), st, h_last.view(),
                       resets.offset(c0));
       if (c + 1 < nchunks) {
-        std::copy_n(h_last.data(), S, row_of(bk, c + 1, S));
+        std::copy_n(h_last.data(), S, bk.data() + (c + 1) * S);
       } else if (states) {
         Tensor<T> buf;
         store_final(*states, k, b, h_last.data(), Yk.read(n_tok, n_tok + halo, buf).data());

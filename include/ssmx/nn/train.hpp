@@ -19,10 +19,16 @@ struct TrainStepResult : StepResult {
 // each parameter's grad: scale them to the mean loss, clip the global norm, step the
 // optimiser. Returns the norm before clipping. Clipping and the optimiser throw on a
 // non-finite gradient before anything changes.
-template <class T, class Optimizer>
-double mean_loss_update(const ParameterList<T>& params, Optimizer& opt, index_t tokens, const StepOptions& so) {
+// Gradients of the summed loss over `tokens` target tokens become those of the mean loss.
+template <class T>
+void scale_to_mean_loss(const ParameterList<T>& params, index_t tokens) {
   const T scale = T(1.0 / double(tokens));
   for (auto* p : params) assign(p->grad.view(), leaf(p->grad) * scale);
+}
+
+template <class T, class Optimizer>
+double mean_loss_update(const ParameterList<T>& params, Optimizer& opt, index_t tokens, const StepOptions& so) {
+  scale_to_mean_loss(params, tokens);
   const double norm =
       so.clip_norm > 0 ? double(clip_grad_norm(params, T(so.clip_norm))) : double(global_grad_norm(params));
   opt.step(params);

@@ -185,6 +185,16 @@ T global_grad_norm(const ParameterList<T>& params) {
   return T(optim_detail::grad_norm(params));
 }
 
+// Scales all gradients of `params` by max_norm / norm when norm > max_norm, where `norm` is
+// their global norm computed by the caller (e.g. summed over the processes that hold the
+// parameters between them).
+template <class T>
+void clip_to_norm(const ParameterList<T>& params, double norm, double max_norm) {
+  if (!(norm > max_norm)) return;
+  const T coef = T(max_norm / norm);
+  for (auto* p : params) p->grad = p->grad * coef;
+}
+
 // Scales all gradients of `params` by max_norm / norm when their global norm exceeds
 // max_norm, so that the clipped norm is max_norm (to rounding); returns the norm before
 // clipping. Unlike torch.nn.utils.clip_grad_norm_, no 1e-6 is added to the norm: the
@@ -201,10 +211,7 @@ T clip_grad_norm(const ParameterList<T>& params, double max_norm) {
     if (bad.found()) optim_detail::throw_non_finite(params, bad, "clip_grad_norm");
     throw ValueError(detail::str("clip_grad_norm: the global gradient norm is not finite (", norm, ")"));
   }
-  if (norm > max_norm) {
-    const T coef = T(max_norm / norm);
-    for (auto* p : params) p->grad = p->grad * coef;
-  }
+  clip_to_norm(params, norm, max_norm);
   return T(norm);
 }
 
