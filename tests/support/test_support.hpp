@@ -61,26 +61,13 @@ using SpaceTensor = Tensor<T, space>;
 // A copy of a host tensor in the test space (a clone on the CPU build).
 template <class T>
 Tensor<T, space> to_space(const Tensor<T>& h) {
-#if SSMX_TEST_CUDA
-  return gpu::to_device(h);
-#else
-  return h.clone();
-#endif
+  return ssmx::to_space<space>(h);
 }
 
 // A host copy of a tensor in any space.
 template <class T, Space S>
 Tensor<T> to_host(const Tensor<T, S>& t) {
-  if constexpr (S == Space::Host) {
-    return t.clone();
-  } else {
-#if SSMX_TEST_CUDA
-    return gpu::to_host(t);
-#else
-    static_assert(S == Space::Host, "to_host of a device tensor needs the CUDA test build (SSMX_TEST_CUDA=1)");
-    return {};
-#endif
-  }
+  return ssmx::to_space<Space::Host>(t);
 }
 
 // max_i |a_i - b_i| / max(|a_i|, |b_i|, floor). Elements below `floor` in magnitude are

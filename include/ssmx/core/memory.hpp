@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdlib>
+#include <cstring>
 #include <new>
 #include <string>
 
@@ -98,14 +99,50 @@ inline RawAllocator& raw_allocator(Space s) {
   return table[int(s)];
 }
 
+// Byte copies and zeroing in a space other than the host's. The CUDA backend installs them
+// with its allocator; a copy whose destination is host memory returns once the bytes are
+// there. Without them, touching device memory is a DeviceError (as allocating it is).
+struct RawTransfer {
+  void (*copy)(void* dst, Space dst_space, const void* src, Space src_space, std::size_t bytes) = nullptr;
+  void (*zero)(void* p, Space s, std::size_t bytes) = nullptr;
+};
+inline RawTransfer& raw_transfer() {
+  static RawTransfer t;
+  return t;
+}
+
+inline void no_device_memory(Space s) {
+  throw DeviceError(detail::str("memory space ", space_name(s),
+                                " is not available: include <ssmx/cuda.cuh> and compile with nvcc to use CUDA memory"));
+}
+
+// Copies `bytes` from src (in space ss) to dst (in space ds); the ranges must not overlap.
+inline void copy_bytes(void* dst, Space ds, const void* src, Space ss, std::size_t bytes) {
+  if (bytes == 0) return;
+  if (ds == Space::Host && ss == Space::Host) {
+    std::memcpy(dst, src, bytes);
+    return;
+  }
+  if (!raw_transfer().copy) no_device_memory(ds == Space::Host ? ss : ds);
+  raw_transfer().copy(dst, ds, src, ss, bytes);
+}
+// Sets `bytes` at p (in space s) to zero.
+inline void zero_bytes(void* p, Space s, std::size_t bytes) {
+  if (bytes == 0) return;
+  if (s == Space::Host) {
+    std::memset(p, 0, bytes);
+    return;
+  }
+  if (!raw_transfer().zero) no_device_memory(s);
+  raw_transfer().zero(p, s, bytes);
+}
+
 }  // namespace detail
 
 // Allocates `bytes` in space `s` and records them under tag `t`.
 inline void* allocate(std::size_t bytes, Space s, Tag t) {
   auto& raw = detail::raw_allocator(s);
-  if (!raw.allocate)
-    throw DeviceError(detail::str("memory space ", space_name(s),
-                                  " is not available: include <ssmx/cuda.cuh> and compile with nvcc to use CUDA memory"));
+  if (!raw.allocate) detail::no_device_memory(s);
   void* p = raw.allocate(bytes);
   detail::record_alloc(s, t, bytes);
   return p;

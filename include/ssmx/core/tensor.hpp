@@ -207,10 +207,21 @@ void copy(TensorView<T, Space::Host> dst, TensorView<T, Space::Host> src) {
 
 template <class T, Space S>
 Tensor<T, S> Tensor<T, S>::clone(Tag tag) const {
-  static_assert(S == Space::Host, "clone() of a device tensor: use the CUDA backend's copy");
   Tensor out(dims_, tag);
-  if (numel()) std::memcpy(out.data(), data(), bytes());
+  detail::copy_bytes(out.data(), S, data(), S, bytes());
   return out;
+}
+
+// A copy of t in memory space D (a clone when D is t's own space).
+template <Space D, class T, Space S>
+Tensor<T, D> to_space(const Tensor<T, S>& t, Tag tag) {
+  Tensor<T, D> out(t.dims(), tag);
+  detail::copy_bytes(out.data(), D, t.data(), S, t.bytes());
+  return out;
+}
+template <Space D, class T, Space S>
+Tensor<T, D> to_space(const Tensor<T, S>& t) {
+  return to_space<D>(t, t.tag());
 }
 
 // Sets every element of a host view to `value`.
@@ -229,10 +240,11 @@ void fill(Tensor<T>& t, T value) {
   fill<T>(t.view(), value);
 }
 
-template <class T>
-Tensor<T> zeros(const Dims& d, Tag tag = Tag::Activations) {
-  Tensor<T> t(d, tag);
-  if (t.numel()) std::memset(t.data(), 0, t.bytes());
+// A tensor of zeros in space S.
+template <class T, Space S = Space::Host>
+Tensor<T, S> zeros(const Dims& d, Tag tag = Tag::Activations) {
+  Tensor<T, S> t(d, tag);
+  detail::zero_bytes(t.data(), S, t.bytes());
   return t;
 }
 
@@ -252,9 +264,12 @@ std::vector<std::remove_const_t<T>> to_vector(TensorView<T, Space::Host> v) {
   copy<std::remove_const_t<T>>(tmp.view(), TensorView<const std::remove_const_t<T>>(v));
   return std::vector<std::remove_const_t<T>>(tmp.data(), tmp.data() + tmp.numel());
 }
-template <class T>
-std::vector<T> to_vector(const Tensor<T>& t) {
-  return std::vector<T>(t.data(), t.data() + t.numel());
+// The values of a tensor in any space, row-major, on the host.
+template <class T, Space S>
+std::vector<T> to_vector(const Tensor<T, S>& t) {
+  std::vector<T> v(std::size_t(t.numel()));
+  detail::copy_bytes(v.data(), Space::Host, t.data(), S, t.bytes());
+  return v;
 }
 
 // Throws ShapeError naming `what` unless `v` has exactly the extents `expected`.

@@ -490,4 +490,37 @@ auto eval(const E& e, Tag tag = Tag::Activations) {
   return out;
 }
 
+// ---- fill and copy in any memory space ----------------------------------------------------
+// The host forms (core/tensor.hpp) are more specialised and win overload resolution for host
+// views; these serve device views (and cross-space copies) with the same calls.
+
+// Sets every element of v to `value` (one kernel on the GPU).
+template <class T, Space S>
+void fill(TensorView<T, S> v, T value) {
+  assign(v, expr::Constant<T>(value));
+}
+template <class T, Space S>
+void fill(Tensor<T, S>& t, T value) {
+  assign(t.view(), expr::Constant<T>(value));
+}
+
+// dst = src, same extents. Within one space any strides; across spaces (host <-> device)
+// both views must be contiguous. A copy to host memory returns once the values are there.
+template <class T, Space D, Space Sr>
+void copy(TensorView<T, D> dst, TensorView<const T, Sr> src) {
+  SSMX_REQUIRE(dst.dims() == src.dims(), ShapeError, "copy: destination shape ", dst.dims().str(),
+               " differs from source shape ", src.dims().str());
+  if constexpr (D == Sr) {
+    assign(dst, expr::Leaf<T, Sr>(src));
+  } else {
+    SSMX_REQUIRE(dst.is_contiguous() && src.is_contiguous(), ShapeError, "copy from ", space_name(Sr), " to ",
+                 space_name(D), ": both views of shape ", dst.dims().str(), " must be contiguous");
+    detail::copy_bytes(dst.data(), D, src.data(), Sr, std::size_t(src.numel()) * sizeof(T));
+  }
+}
+template <class T, Space D, Space Sr>
+void copy(TensorView<T, D> dst, TensorView<T, Sr> src) {
+  copy<T>(dst, TensorView<const T, Sr>(src));
+}
+
 }  // namespace ssmx

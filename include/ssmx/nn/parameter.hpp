@@ -26,9 +26,9 @@ struct Parameter {
 template <class T, Space S = Space::Host>
 using ParameterList = std::vector<Parameter<T, S>*>;
 
-template <class T>
-void zero_grad(const ParameterList<T, Space::Host>& params) {
-  for (auto* p : params) fill<T>(p->grad.view(), T(0));
+template <class T, Space S>
+void zero_grad(const ParameterList<T, S>& params) {
+  for (auto* p : params) detail::zero_bytes(p->grad.data(), S, p->grad.bytes());
 }
 
 template <class T, Space S>

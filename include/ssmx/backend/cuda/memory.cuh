@@ -52,46 +52,36 @@ inline void* device_allocate(std::size_t bytes) {
 inline void device_deallocate(void* p, std::size_t) noexcept {
   if (p) SSMX_CUDA_LOG(cudaFreeAsync(p, cudaStreamPerThread));
 }
+// Copies and zeroing are ordered on cudaStreamPerThread like every ssmx CUDA operation; a
+// copy that touches host memory synchronises the stream, so host data may be read (or
+// freed) when it returns.
+inline void device_copy(void* dst, Space ds, const void* src, Space ss, std::size_t bytes) {
+  SSMX_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, cudaStreamPerThread));
+  if (ds == Space::Host || ss == Space::Host) SSMX_CUDA_CHECK(cudaStreamSynchronize(cudaStreamPerThread));
+}
+inline void device_zero(void* p, Space, std::size_t bytes) {
+  SSMX_CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, cudaStreamPerThread));
+}
 inline bool install_device_allocator() noexcept {
   ::ssmx::detail::raw_allocator(Space::Cuda) = {&device_allocate, &device_deallocate};
+  ::ssmx::detail::raw_transfer() = {&device_copy, &device_zero};
   return true;
 }
 inline const bool device_allocator_installed = install_device_allocator();
 }  // namespace detail
 
-// Host <-> device copies of whole tensors (contiguous).
-template <class T>
-void copy(TensorView<T, Space::Cuda> dst, TensorView<const T, Space::Host> src) {
-  SSMX_REQUIRE(dst.dims() == src.dims() && dst.is_contiguous() && src.is_contiguous(), ShapeError,
-               "host-to-device copy: shapes ", src.dims().str(), " -> ", dst.dims().str(), " must match and be contiguous");
-  SSMX_CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), std::size_t(src.numel()) * sizeof(T), cudaMemcpyHostToDevice,
-                                  cudaStreamPerThread));
-  SSMX_CUDA_CHECK(cudaStreamSynchronize(cudaStreamPerThread));
-}
-template <class T>
-void copy(TensorView<T, Space::Host> dst, TensorView<const T, Space::Cuda> src) {
-  SSMX_REQUIRE(dst.dims() == src.dims() && dst.is_contiguous() && src.is_contiguous(), ShapeError,
-               "device-to-host copy: shapes ", src.dims().str(), " -> ", dst.dims().str(), " must match and be contiguous");
-  SSMX_CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), std::size_t(src.numel()) * sizeof(T), cudaMemcpyDeviceToHost,
-                                  cudaStreamPerThread));
-  SSMX_CUDA_CHECK(cudaStreamSynchronize(cudaStreamPerThread));
-}
-
+// Host <-> device copies of whole tensors (ssmx::to_space, named for the direction).
 template <class T>
 Tensor<T, Space::Cuda> to_device(const Tensor<T>& h, Tag tag) {
-  Tensor<T, Space::Cuda> d(h.dims(), tag);
-  copy<T>(d.view(), h.view());
-  return d;
+  return to_space<Space::Cuda>(h, tag);
 }
 template <class T>
 Tensor<T, Space::Cuda> to_device(const Tensor<T>& h) {
-  return to_device(h, h.tag());
+  return to_space<Space::Cuda>(h);
 }
 template <class T>
 Tensor<T> to_host(const Tensor<T, Space::Cuda>& d) {
-  Tensor<T> h(d.dims(), d.tag());
-  copy<T>(h.view(), d.view());
-  return h;
+  return to_space<Space::Host>(d);
 }
 
 }  // namespace ssmx::gpu
