@@ -8,7 +8,9 @@
 //         - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 //
 // The decay multiplies p before the Adam step, as torch does; it is folded into the same
-// single pass over p. Host tensors; three passes per parameter (m, v, p).
+// single pass over p. Parameters and moments live in memory space S (the host or the
+// GPU); three passes per parameter (m, v, p), the same expressions in every space (on a GPU
+// the compiler may contract them into FMAs: results agree with the host's to rounding).
 #pragma once
 
 #include <cmath>
@@ -26,7 +28,7 @@
 
 namespace ssmx {
 
-template <class T>
+template <class T, Space S = Space::Host>
 class AdamW {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "ssmx::AdamW: T must be float or double");
 
@@ -60,23 +62,23 @@ class AdamW {
   // One update of every parameter in `params`. Validates everything first (list, shapes,
   // finite gradients, state shapes) and allocates missing state before the first write:
   // on an exception nothing (parameters, m, v, step counts) has changed.
-  void step(const ParameterList<T>& params) {
+  void step(const ParameterList<T, S>& params) {
     optim_detail::check_gradients(params, "AdamW::step");
     auto index = optim_detail::prepare_slots(
         slots_, params,
-        [](const Slot& s, const Parameter<T>& p) {
+        [](const Slot& s, const Parameter<T, S>& p) {
           check_dims(s.exp_avg.dims(), p.value.dims(), (p.name + ".exp_avg").c_str());
           check_dims(s.exp_avg_sq.dims(), p.value.dims(), (p.name + ".exp_avg_sq").c_str());
         },
-        [](const Parameter<T>& p) {
-          return Slot{p.name, zeros<T>(p.value.dims(), Tag::OptimizerState),
-                      zeros<T>(p.value.dims(), Tag::OptimizerState), 0};
+        [](const Parameter<T, S>& p) {
+          return Slot{p.name, zeros<T, S>(p.value.dims(), Tag::OptimizerState),
+                      zeros<T, S>(p.value.dims(), Tag::OptimizerState), 0};
         });
 
     const T b1 = T(beta1_), b2 = T(beta2_), one_minus_b1 = T(1.0 - beta1_), one_minus_b2 = T(1.0 - beta2_);
     const T decay = T(1.0 - lr_ * weight_decay_), eps = T(eps_);
     for (std::size_t k = 0; k < params.size(); ++k) {
-      Parameter<T>& p = *params[k];
+      Parameter<T, S>& p = *params[k];
       Slot& s = slots_[index[k]];
       const std::int64_t t = s.steps + 1;
       // Bias corrections in double, as torch computes them (Python floats).
@@ -93,9 +95,10 @@ class AdamW {
   }
 
   // The state for a checkpoint: "<name>.exp_avg" and "<name>.exp_avg_sq" per parameter,
-  // in the order the parameters were first seen; views into this optimiser.
-  std::vector<NamedTensor<T>> state() const {
-    std::vector<NamedTensor<T>> out;
+  // in the order the parameters were first seen; views into this optimiser, in its memory
+  // space S.
+  std::vector<NamedTensor<T, S>> state() const {
+    std::vector<NamedTensor<T, S>> out;
     out.reserve(2 * slots_.size());
     for (const auto& s : slots_) {
       out.push_back({s.name + ".exp_avg", s.exp_avg.view()});
@@ -105,10 +108,12 @@ class AdamW {
   }
 
   // Replaces the state with copies of `entries` (as state() returns them: both moments for
-  // every parameter, same shapes, finite, exp_avg_sq >= 0) and sets the step count of
-  // every parameter to `step_count`. Strong guarantee: on an
-  // exception the current state is kept.
-  void load_state(const std::vector<NamedTensor<T>>& entries, std::int64_t step_count) {
+  // every parameter, same shapes, finite, exp_avg_sq >= 0), in S, and sets the step count of
+  // every parameter to `step_count`. The entries may live in any space (a checkpoint's host
+  // tensors, another optimiser's state()); those from another space must be contiguous.
+  // Strong guarantee: on an exception the current state is kept.
+  template <Space Sr = Space::Host>
+  void load_state(const std::vector<NamedTensor<T, Sr>>& entries, std::int64_t step_count) {
     const char* who = "AdamW::load_state";
     SSMX_REQUIRE(step_count >= 0, ValueError, who, ": step count must be >= 0, got ", step_count);
     std::vector<Slot> slots;
@@ -121,13 +126,13 @@ class AdamW {
       std::size_t j = 0;
       while (j < slots.size() && slots[j].name != stem) ++j;
       if (j == slots.size()) {
-        slots.push_back(Slot{stem, Tensor<T>(), Tensor<T>(), step_count});
+        slots.push_back(Slot{stem, Tensor<T, S>(), Tensor<T, S>(), step_count});
         have.emplace_back(false, false);
       }
       bool& seen = is_sq ? have[j].second : have[j].first;
       SSMX_REQUIRE(!seen, ValueError, who, ": entry '", e.name, "' appears twice");
       seen = true;
-      (is_sq ? slots[j].exp_avg_sq : slots[j].exp_avg) = optim_detail::copy_state_entry(e, who, is_sq);
+      (is_sq ? slots[j].exp_avg_sq : slots[j].exp_avg) = optim_detail::copy_state_entry<T, S>(e, who, is_sq);
     }
     for (std::size_t j = 0; j < slots.size(); ++j) {
       SSMX_REQUIRE(have[j].first && have[j].second, ValueError, who, ": parameter '", slots[j].name, "' lacks '",
@@ -143,8 +148,8 @@ class AdamW {
  private:
   struct Slot {
     std::string name;  // the parameter's
-    Tensor<T> exp_avg;
-    Tensor<T> exp_avg_sq;
+    Tensor<T, S> exp_avg;
+    Tensor<T, S> exp_avg_sq;
     std::int64_t steps = 0;  // updates of this parameter so far (its bias-correction t)
   };
 

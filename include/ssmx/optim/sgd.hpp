@@ -6,7 +6,9 @@
 //     d = nesterov ? g + momentum * buf : buf   (d = g when momentum == 0)
 //     p = p - lr * d
 //
-// Host tensors. Each tensor is updated by one expression assignment (one pass over it).
+// Parameters and momentum buffers live in memory space S (the host or the GPU); each
+// tensor is updated by one expression assignment (one pass over it, one kernel on a GPU),
+// the same expressions in every space.
 #pragma once
 
 #include <cmath>
@@ -22,7 +24,7 @@
 
 namespace ssmx {
 
-template <class T>
+template <class T, Space S = Space::Host>
 class SGD {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "ssmx::SGD: T must be float or double");
 
@@ -48,7 +50,7 @@ class SGD {
   // One update of every parameter in `params`. Validates everything first (list, shapes,
   // finite gradients, momentum buffers) and allocates missing buffers before the first
   // write: on an exception nothing (parameters, buffers) has changed.
-  void step(const ParameterList<T>& params) {
+  void step(const ParameterList<T, S>& params) {
     optim_detail::check_gradients(params, "SGD::step");
     const T lr = T(lr_), mu = T(momentum_), wd = T(weight_decay_);
 
@@ -65,14 +67,16 @@ class SGD {
     // Buffers: check the existing ones and allocate the missing ones before any write.
     auto index = optim_detail::prepare_slots(
         slots_, params,
-        [](const Slot& s, const Parameter<T>& p) {
+        [](const Slot& s, const Parameter<T, S>& p) {
           check_dims(s.buffer.dims(), p.value.dims(), (p.name + ".momentum_buffer").c_str());
         },
-        [](const Parameter<T>& p) { return Slot{p.name, zeros<T>(p.value.dims(), Tag::OptimizerState)}; });
+        [](const Parameter<T, S>& p) {
+          return Slot{p.name, zeros<T, S>(p.value.dims(), Tag::OptimizerState)};
+        });
 
     for (std::size_t k = 0; k < params.size(); ++k) {
-      Parameter<T>& p = *params[k];
-      Tensor<T>& buf = slots_[index[k]].buffer;
+      Parameter<T, S>& p = *params[k];
+      Tensor<T, S>& buf = slots_[index[k]].buffer;
       if (weight_decay_ != 0.0) {
         buf = mu * buf + (p.grad + wd * p.value);
         if (nesterov_)
@@ -89,16 +93,20 @@ class SGD {
     }
   }
 
-  // Momentum buffers as "<name>.momentum_buffer", in the order the parameters were first seen.
-  std::vector<NamedTensor<T>> state() const {
-    std::vector<NamedTensor<T>> out;
+  // Momentum buffers as "<name>.momentum_buffer", in the order the parameters were first
+  // seen; views into this optimiser, in its memory space S.
+  std::vector<NamedTensor<T, S>> state() const {
+    std::vector<NamedTensor<T, S>> out;
     for (const auto& s : slots_) out.push_back({s.name + ".momentum_buffer", s.buffer.view()});
     return out;
   }
 
   // Replaces the momentum buffers with copies of `entries` (names "<name>.momentum_buffer",
-  // finite values). Strong guarantee: on an exception the current state is kept.
-  void load_state(const std::vector<NamedTensor<T>>& entries) {
+  // finite values), in S. The entries may live in any space (a checkpoint's host tensors,
+  // another optimiser's state()); those from another space must be contiguous. Strong
+  // guarantee: on an exception the current state is kept.
+  template <Space Sr = Space::Host>
+  void load_state(const std::vector<NamedTensor<T, Sr>>& entries) {
     std::vector<Slot> slots;
     for (const auto& e : entries) {
       std::string stem;
@@ -106,7 +114,7 @@ class SGD {
                    "SGD::load_state: unknown state entry '", e.name, "' (expected '<parameter>.momentum_buffer')");
       for (const auto& s : slots)
         SSMX_REQUIRE(s.name != stem, ValueError, "SGD::load_state: entry '", e.name, "' appears twice");
-      slots.push_back(Slot{std::move(stem), optim_detail::copy_state_entry(e, "SGD::load_state")});
+      slots.push_back(Slot{std::move(stem), optim_detail::copy_state_entry<T, S>(e, "SGD::load_state")});
     }
     slots_.swap(slots);
   }
@@ -118,7 +126,7 @@ class SGD {
   bool nesterov_;
   struct Slot {
     std::string name;  // the parameter's
-    Tensor<T> buffer;
+    Tensor<T, S> buffer;
   };
   std::vector<Slot> slots_;  // in the order the parameters were first seen
 };
