@@ -6,3 +6,5 @@
 #include "backend/cuda/check.cuh"
 #include "backend/cuda/memory.cuh"
 #include "backend/cuda/exec.cuh"
+#include "backend/cuda/rows.cuh"
+#include "backend/cuda/scan.cuh"

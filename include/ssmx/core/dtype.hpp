@@ -44,6 +44,8 @@ struct bf16 {
   std::uint16_t bits = 0;
   bf16() = default;
   SSMX_HOST_DEVICE bf16(float f) : bits(round(f)) {}  // NOLINT: implicit like a float
+  // From double: rounded to float first, then to bfloat16 (what storing a double stream does).
+  SSMX_HOST_DEVICE explicit bf16(double d) : bits(round(static_cast<float>(d))) {}
   SSMX_HOST_DEVICE operator float() const { return detail::bits_float(std::uint32_t(bits) << 16); }
 
  private:
@@ -60,6 +62,7 @@ struct half {
   std::uint16_t bits = 0;
   half() = default;
   SSMX_HOST_DEVICE half(float f) : bits(from_float(f)) {}  // NOLINT
+  SSMX_HOST_DEVICE explicit half(double d) : bits(from_float(static_cast<float>(d))) {}  // via float, as bf16
   SSMX_HOST_DEVICE operator float() const { return to_float(bits); }
 
  private:

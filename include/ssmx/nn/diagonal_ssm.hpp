@@ -36,17 +36,20 @@ namespace ssmx::nn {
 // [tokens, state...] view of the scan states. Optionally a feature stage (num_features,
 // halo, features(U_ext, tap_mask); see scan_layer.hpp and mamba.hpp), whose outputs the
 // three maps then take instead of U.
-template <class T, index_t P, index_t N>
+template <class T, index_t P, index_t N, Space S = Space::Host>
 class DiagonalSSM {
   static_assert(P > 0 && N > 0, "DiagonalSSM: P (model width) and N (state size) must be positive");
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "DiagonalSSM: T must be float or double");
 
  public:
   using value_type = T;
+  static constexpr Space space = S;
+  template <Space S2>
+  using on = DiagonalSSM<T, P, N, S2>;  // the same layer in memory space S2
   static constexpr index_t d_model = P;
   static constexpr index_t state_size = N;
 
-  Parameter<T> W_a, b_a, W_b, b_b, W_c, b_c, D;
+  Parameter<T, S> W_a, b_a, W_b, b_b, W_c, b_c, D;
 
   explicit DiagonalSSM(const std::string& prefix = "")
       : W_a(prefix + "W_a", Dims{P, N}),
@@ -56,32 +59,31 @@ class DiagonalSSM {
         W_c(prefix + "W_c", Dims{P, N}),
         b_c(prefix + "b_c", Dims{N}),
         D(prefix + "D", Dims{P}) {
-    for (auto* p : parameters()) {
-      fill<T>(p->value.view(), T(0));
-      fill<T>(p->grad.view(), T(0));
-    }
+    zero_parameters(parameters());
   }
 
   static Dims state_dims() { return Dims{P, N}; }
   static constexpr index_t parameter_count() { return 3 * (P * N + N) + P; }
 
-  ParameterList<T> parameters() { return {&W_a, &b_a, &W_b, &b_b, &W_c, &b_c, &D}; }
+  ParameterList<T, S> parameters() { return {&W_a, &b_a, &W_b, &b_b, &W_c, &b_c, &D}; }
 
   // Weights ~ N(0, 1/P); decay timescales spread log-uniformly over [1, 10^4] tokens so
   // that the layer can hold information across long contexts from the start.
   template <class Rng>
   void init(Rng& rng) {
     std::normal_distribution<double> nd(0.0, 1.0 / std::sqrt(double(P)));
-    for (auto* w : {&W_a, &W_b, &W_c})
-      for (index_t i = 0; i < w->numel(); ++i) w->value[i] = T(nd(rng) * (w == &W_a ? 0.1 : 1.0));
-    std::uniform_real_distribution<double> ud(std::log(1e-4), std::log(1.0));
-    for (index_t n = 0; n < N; ++n) {
-      double rate = std::exp(ud(rng));                  // -log(a) = softplus(b_a)
-      b_a.value[n] = T(std::log(std::expm1(rate)));     // softplus⁻¹(rate)
+    for (auto* w : {&W_a, &W_b, &W_c}) {
+      const double scale = w == &W_a ? 0.1 : 1.0;
+      set_values(*w, [&](index_t) { return nd(rng) * scale; });
     }
-    fill<T>(b_b.value.view(), T(0));
-    fill<T>(b_c.value.view(), T(0));
-    fill<T>(D.value.view(), T(1));
+    std::uniform_real_distribution<double> ud(std::log(1e-4), std::log(1.0));
+    set_values(b_a, [&](index_t) {
+      const double rate = std::exp(ud(rng));  // -log(a) = softplus(b_a)
+      return std::log(std::expm1(rate));      // softplus⁻¹(rate)
+    });
+    set_values(b_b, [](index_t) { return 0.0; });
+    set_values(b_c, [](index_t) { return 0.0; });
+    set_values(D, [](index_t) { return 1.0; });
   }
 
   template <class U>

@@ -10,25 +10,23 @@
 
 namespace ssmx::nn {
 
-template <class T>
+template <class T, Space S = Space::Host>
 struct Linear {
-  Parameter<T> weight;  // [in, out]
-  Parameter<T> bias;    // [out]
+  Parameter<T, S> weight;  // [in, out]
+  Parameter<T, S> bias;    // [out]
 
   Linear(const std::string& prefix, index_t in, index_t out)
       : weight(prefix + "weight", Dims{in, out}), bias(prefix + "bias", Dims{out}) {
-    fill<T>(weight.grad.view(), T(0));
-    fill<T>(bias.grad.view(), T(0));
-    fill<T>(bias.value.view(), T(0));
+    zero_parameters(parameters());
   }
-  ParameterList<T> parameters() { return {&weight, &bias}; }
+  ParameterList<T, S> parameters() { return {&weight, &bias}; }
 
   // W ~ N(0, 1/in), b = 0.
   template <class Rng>
   void init(Rng& rng) {
     std::normal_distribution<double> nd(0.0, 1.0 / std::sqrt(double(weight.value.extent(0))));
-    for (index_t i = 0; i < weight.numel(); ++i) weight.value[i] = T(nd(rng));
-    fill<T>(bias.value.view(), T(0));
+    set_values(weight, [&](index_t) { return nd(rng); });
+    set_values(bias, [](index_t) { return 0.0; });
   }
 
   template <class X>

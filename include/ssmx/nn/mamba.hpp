@@ -33,7 +33,8 @@ namespace ssmx::nn {
 
 // Mamba<T, D, N, Expand, W, R>: d_model D, state size N (d_state), E = Expand·D channels
 // (d_inner), convolution width W (d_conv), Δ rank R (dt_rank; Mamba's default ceil(D/16)).
-template <class T, index_t D, index_t N = 16, index_t Expand = 2, index_t W = 4, index_t R = (D + 15) / 16>
+template <class T, index_t D, index_t N = 16, index_t Expand = 2, index_t W = 4, index_t R = (D + 15) / 16,
+          Space S = Space::Host>
 class Mamba {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "Mamba: T must be float or double");
   static_assert(D > 0 && N > 0 && Expand > 0 && R > 0, "Mamba: D, N, Expand and R must be positive");
@@ -41,7 +42,10 @@ class Mamba {
 
  public:
   using value_type = T;
-  using CV = TensorView<const T>;
+  static constexpr Space space = S;
+  template <Space S2>
+  using on = Mamba<T, D, N, Expand, W, R, S2>;  // the same layer in memory space S2
+  using CV = TensorView<const T, S>;
   static constexpr index_t d_model = D;
   static constexpr index_t d_inner = Expand * D;
   static constexpr index_t d_state = N;
@@ -51,7 +55,7 @@ class Mamba {
   static constexpr int num_features = 2;  // x (after conv1d and SiLU), z (the gate)
   static constexpr index_t E = d_inner;
 
-  Parameter<T> in_proj, conv_weight, conv_bias, x_proj, dt_proj_weight, dt_proj_bias, A_log, D_skip, out_proj;
+  Parameter<T, S> in_proj, conv_weight, conv_bias, x_proj, dt_proj_weight, dt_proj_bias, A_log, D_skip, out_proj;
 
   explicit Mamba(const std::string& prefix = "")
       : in_proj(prefix + "in_proj.weight", Dims{2 * E, D}),
@@ -63,17 +67,14 @@ class Mamba {
         A_log(prefix + "A_log", Dims{E, N}),
         D_skip(prefix + "D", Dims{E}),
         out_proj(prefix + "out_proj.weight", Dims{D, E}) {
-    for (auto* p : parameters()) {
-      fill<T>(p->value.view(), T(0));
-      fill<T>(p->grad.view(), T(0));
-    }
+    zero_parameters(parameters());
   }
 
   static Dims state_dims() { return Dims{E, N}; }
   static constexpr index_t parameter_count() {
     return 2 * E * D + E * W + E + (R + 2 * N) * E + E * R + E + E * N + E + D * E;
   }
-  ParameterList<T> parameters() {
+  ParameterList<T, S> parameters() {
     return {&in_proj, &conv_weight, &conv_bias, &x_proj, &dt_proj_weight, &dt_proj_bias, &A_log, &D_skip, &out_proj};
   }
 
@@ -82,9 +83,9 @@ class Mamba {
   // inverse softplus of Δ log-uniform in [1e-3, 1e-1], A = -(1..N) per channel, D = 1.
   template <class Rng>
   void init(Rng& rng) {
-    auto uniform = [&](Parameter<T>& p, double bound) {
+    auto uniform = [&](Parameter<T, S>& p, double bound) {
       std::uniform_real_distribution<double> ud(-bound, bound);
-      for (index_t i = 0; i < p.numel(); ++i) p.value[i] = T(ud(rng));
+      set_values(p, [&](index_t) { return ud(rng); });
     };
     uniform(in_proj, 1.0 / std::sqrt(double(D)));
     uniform(conv_weight, 1.0 / std::sqrt(double(W)));
@@ -93,12 +94,12 @@ class Mamba {
     uniform(dt_proj_weight, 1.0 / std::sqrt(double(R)));
     uniform(out_proj, 1.0 / std::sqrt(double(E)));
     std::uniform_real_distribution<double> lu(std::log(1e-3), std::log(1e-1));
-    for (index_t e = 0; e < E; ++e) {
+    set_values(dt_proj_bias, [&](index_t) {
       const double dt = std::max(std::exp(lu(rng)), 1e-4);
-      dt_proj_bias.value[e] = T(dt + std::log(-std::expm1(-dt)));  // softplus⁻¹(dt)
-      D_skip.value[e] = T(1);
-      for (index_t n = 0; n < N; ++n) A_log.value[e * N + n] = T(std::log(double(n + 1)));
-    }
+      return dt + std::log(-std::expm1(-dt));  // softplus⁻¹(dt)
+    });
+    set_values(D_skip, [](index_t) { return 1.0; });
+    set_values(A_log, [](index_t i) { return std::log(double(i % N + 1)); });
   }
 
   // Features of a stretch from U_ext = [halo + n, D] (the halo rows first): x and z, [n, E].
@@ -127,9 +128,9 @@ class Mamba {
   }
 
  private:
-  static CV cv(const Parameter<T>& p) { return p.value.view(); }
+  static CV cv(const Parameter<T, S>& p) { return p.value.view(); }
   // Rows [r0, r1) of a weight: a slice of the parameter, which receives its gradient there.
-  static CV rows_of(const Parameter<T>& p, index_t r0, index_t r1) { return cv(p).slice(r0, r1); }
+  static CV rows_of(const Parameter<T, S>& p, index_t r0, index_t r1) { return cv(p).slice(r0, r1); }
   // Δ = softplus(dt_proj(x_proj(x)[:, :R]) + dt_bias), [n, E].
   template <class F>
   auto delta(const F& f) const {

@@ -65,16 +65,17 @@ struct StepResult {
 //   out:  final_states, final_halo             the state after the last token
 //         initial_grad, initial_halo_grad      dL/d(initial state) (forward_backward)
 // A document start (Batch::starts) at token 0 cuts the initial state off.
-template <class T>
+// The tensors live in the model's memory space S.
+template <class T, Space S = Space::Host>
 struct LayerStates {
-  std::vector<Tensor<T>> initial;
-  std::vector<Tensor<T>> initial_halo;
-  std::vector<Tensor<T>> final_grad;
-  std::vector<Tensor<T>> final_halo_grad;
-  std::vector<Tensor<T>> final_states;
-  std::vector<Tensor<T>> final_halo;
-  std::vector<Tensor<T>> initial_grad;
-  std::vector<Tensor<T>> initial_halo_grad;
+  std::vector<Tensor<T, S>> initial;
+  std::vector<Tensor<T, S>> initial_halo;
+  std::vector<Tensor<T, S>> final_grad;
+  std::vector<Tensor<T, S>> final_halo_grad;
+  std::vector<Tensor<T, S>> final_states;
+  std::vector<Tensor<T, S>> final_halo;
+  std::vector<Tensor<T, S>> initial_grad;
+  std::vector<Tensor<T, S>> initial_halo_grad;
 };
 
 // How one process's part of a distributed forward/backward pass meets the other processes'
@@ -85,7 +86,7 @@ struct LayerStates {
 // process tokens [t0, t1) of every sequence: sequence sharding, where each layer's scan
 // carry and convolution halo cross to the neighbouring processes. The default methods do
 // nothing: one process, all tokens.
-template <class T>
+template <class T, Space S = Space::Host>
 class SequenceLink {
  public:
   virtual ~SequenceLink() = default;
@@ -100,50 +101,59 @@ class SequenceLink {
   virtual bool last() const { return true; }
   // Layer k's input: send `tail` (this process's last halo rows) to the next process and
   // receive the previous process's into `rows` (layer k's rows before t0), [halo, P].
-  virtual void exchange_halo(index_t k, TensorView<const T> tail, TensorView<T> rows) { (void)k, (void)tail, (void)rows; }
+  virtual void exchange_halo(index_t k, TensorView<const T, S> tail, TensorView<T, S> rows) { (void)k, (void)tail, (void)rows; }
   // Layer k's scan carry. `ab` ([2, S]) holds this process's tokens as the affine map
   // h -> (Π a) h + b of the state before them; replace it with the composition of the
   // maps of the processes before (forward) or, for the adjoint, after (backward).
-  virtual void forward_carry(index_t k, TensorView<T> ab) { (void)k, (void)ab; }
-  virtual void backward_carry(index_t k, TensorView<T> ab) { (void)k, (void)ab; }
+  virtual void forward_carry(index_t k, TensorView<T, S> ab) { (void)k, (void)ab; }
+  virtual void backward_carry(index_t k, TensorView<T, S> ab) { (void)k, (void)ab; }
   // dL/d(layer k's rows before t0), [halo, P], goes to the previous process; the next
   // process's is added into `rows` (dL/d of this process's last halo input rows).
-  virtual void exchange_halo_grad(index_t k, TensorView<const T> grad, TensorView<T> rows) {
+  virtual void exchange_halo_grad(index_t k, TensorView<const T, S> grad, TensorView<T, S> rows) {
     (void)k, (void)grad, (void)rows;
   }
 
   // ---- layer sharding ----
-  virtual void receive_input(TensorView<T> y) { (void)y; }        // y_{b-1}, [n, P]
-  virtual void send_output(TensorView<const T> y) { (void)y; }    // y_{e-1}, [n, P]
-  virtual void receive_grad(TensorView<T> g) { (void)g; }         // dL/dy_{e-1}, [n, P]
-  virtual void send_grad(TensorView<const T> g) { (void)g; }      // dL/dy_{b-1}, [n, P]
+  virtual void receive_input(TensorView<T, S> y) { (void)y; }        // y_{b-1}, [n, P]
+  virtual void send_output(TensorView<const T, S> y) { (void)y; }    // y_{e-1}, [n, P]
+  virtual void receive_grad(TensorView<T, S> g) { (void)g; }         // dL/dy_{e-1}, [n, P]
+  virtual void send_grad(TensorView<const T, S> g) { (void)g; }      // dL/dy_{b-1}, [n, P]
 };
 
-template <class Layer, index_t K>
+// What a Model is built with, whatever its layers and memory space.
+struct ModelConfig {
+  index_t vocab = 256;
+  bool tie_embeddings = true;
+  std::uint64_t seed = 0;
+  // Layer sharding: this process holds layers [layer_begin, layer_end) (-1: K) and only
+  // their parameters; the embedding when layer_begin == 0 (or tied and layer_end == K),
+  // the final norm and the head when layer_end == K. Initial values are those of the
+  // whole model with the same seed.
+  index_t layer_begin = 0;
+  index_t layer_end = -1;
+  // Store the layer inputs kept for the backward pass (K·T·P values, the adjoint's
+  // dominant memory) in bfloat16: half the bytes; arithmetic stays in T. The stream is
+  // rounded where it is stored, and every strategy computes with the rounded values.
+  bool bf16_inputs = false;
+};
+
+// Mem: the memory space everything lives in (parameters, the stored streams, the tapes);
+// `Layer` may be declared for any space and is moved to Mem (Layer::on<Mem>), so one model
+// description compiles for the CPU and for the GPU: Model<Mamba<float, 768>, 24, Space::Cuda>.
+// Token batches stay on the host in both cases.
+template <class Layer_, index_t K, Space Mem = layer_space<Layer_>::value>
 class Model {
   static_assert(K >= 1, "Model: the number of layers K must be at least 1");
+  using Layer = layer_on_t<Layer_, Mem>;
 
  public:
   using T = typename Layer::value_type;
   using layer_type = Layer;
+  static constexpr Space space = Mem;
   static constexpr index_t num_layers = K;
   static constexpr index_t d_model = Layer::d_model;
 
-  struct Config {
-    index_t vocab = 256;
-    bool tie_embeddings = true;
-    std::uint64_t seed = 0;
-    // Layer sharding: this process holds layers [layer_begin, layer_end) (-1: K) and only
-    // their parameters; the embedding when layer_begin == 0 (or tied and layer_end == K),
-    // the final norm and the head when layer_end == K. Initial values are those of the
-    // whole model with the same seed.
-    index_t layer_begin = 0;
-    index_t layer_end = -1;
-    // Store the layer inputs kept for the backward pass (K·T·P values, the adjoint's
-    // dominant memory) in bfloat16: half the bytes; arithmetic stays in T. The stream is
-    // rounded where it is stored, and every strategy computes with the rounded values.
-    bool bf16_inputs = false;
-  };
+  using Config = ModelConfig;
 
   explicit Model(const Config& cfg) : cfg_(cfg), norm_f_("norm_f.weight", d_model) {
     SSMX_REQUIRE(cfg.vocab > 0, ValueError, "Model: vocab must be positive, got ", cfg.vocab);
@@ -157,11 +167,11 @@ class Model {
     // this process does not hold still draw their numbers, so every part gets the values
     // of the whole model.
     std::normal_distribution<double> nd(0.0, 1.0 / std::sqrt(double(d_model)));
-    auto draw = [&](Parameter<T>* p, index_t count) {
-      for (index_t i = 0; i < count; ++i) {
-        const T v = T(nd(rng));
-        if (p) p->value[i] = v;
-      }
+    auto draw = [&](Parameter<T, Mem>* p, index_t count) {
+      if (p)
+        set_values(*p, [&](index_t) { return nd(rng); });
+      else
+        for (index_t i = 0; i < count; ++i) (void)nd(rng);
     };
     if (holds_embedding()) embedding_.emplace("embedding.weight", cfg.vocab, d_model);
     draw(embedding_ ? &embedding_->weight : nullptr, cfg.vocab * d_model);
@@ -190,15 +200,15 @@ class Model {
     SSMX_REQUIRE(holds_layer(k), ValueError, "Model::block(", k, "): this model holds layers [", kb_, ", ", ke_, ")");
     return *blocks_[std::size_t(k)];
   }
-  Embedding<T>& embedding() {
+  Embedding<T, Mem>& embedding() {
     SSMX_REQUIRE(embedding_.has_value(), ValueError, "Model::embedding(): this model holds layers [", kb_, ", ", ke_,
                  ") of ", K, " and not the embedding");
     return *embedding_;
   }
 
   // All parameters held, in a fixed order: embedding, blocks, final norm, head.
-  ParameterList<T> parameters() {
-    ParameterList<T> p;
+  ParameterList<T, Mem> parameters() {
+    ParameterList<T, Mem> p;
     if (embedding_) p.push_back(&embedding_->weight);
     for (auto& b : blocks_)
       if (b)
@@ -213,8 +223,8 @@ class Model {
   // With a `link` (dist/), runs this process's part of a distributed pass: the result
   // counts this process's loss terms only, and the caller checks the summed loss.
   template <class Strategy = Adjoint>
-  StepResult forward_backward(const Batch& batch, const Strategy& strategy = {}, LayerStates<T>* states = nullptr,
-                              SequenceLink<T>* link = nullptr) {
+  StepResult forward_backward(const Batch& batch, const Strategy& strategy = {}, LayerStates<T, Mem>* states = nullptr,
+                              SequenceLink<T, Mem>* link = nullptr) {
     check_batch(batch);
     SSMX_REQUIRE(link || holds_all(), ValueError, "forward_backward: this model holds layers [", kb_, ", ", ke_,
                  ") of ", K, "; run it through ssmx::dist::layer_parallel_train_step");
@@ -234,7 +244,7 @@ class Model {
 
   // This process's part of a distributed forward pass (no gradients): loss and accuracy of
   // the tokens it scores. Memory: two layers' inputs over the process's tokens.
-  StepResult forward(const Batch& batch, SequenceLink<T>& link, LayerStates<T>* states = nullptr) {
+  StepResult forward(const Batch& batch, SequenceLink<T, Mem>& link, LayerStates<T, Mem>* states = nullptr) {
     check_batch(batch);
     prepare_states(batch, states);
     StepResult total;
@@ -250,17 +260,17 @@ class Model {
   // Loss and accuracy without gradients, streaming chunk by chunk through all layers:
   // memory O(K·S + chunk), independent of the sequence length. With `states`, starts from
   // their initial states and returns the final ones (no gradients).
-  StepResult evaluate(const Batch& batch, index_t chunk = 1024, LayerStates<T>* states = nullptr) {
+  StepResult evaluate(const Batch& batch, index_t chunk = 1024, LayerStates<T, Mem>* states = nullptr) {
     return stream(batch, chunk, states, nullptr);
   }
 
   // The logits of every position, [batch, seq_len, vocab], streamed like evaluate() (the
   // targets are not read and may be null).
-  Tensor<T> logits(const Batch& batch, index_t chunk = 1024, LayerStates<T>* states = nullptr) {
+  Tensor<T, Mem> logits(const Batch& batch, index_t chunk = 1024, LayerStates<T, Mem>* states = nullptr) {
     std::vector<token_t> none(std::size_t(batch.batch * batch.seq_len), token_t(-1));
     Batch b = batch;
     b.targets = none.data();
-    Tensor<T> out(Dims{batch.batch, batch.seq_len, cfg_.vocab}, Tag::Activations);
+    Tensor<T, Mem> out(Dims{batch.batch, batch.seq_len, cfg_.vocab}, Tag::Activations);
     stream(b, chunk, states, &out);
     return out;
   }
@@ -275,11 +285,11 @@ class Model {
   }
 
  private:
-  using CV = TensorView<const T>;
+  using CV = TensorView<const T, Mem>;
 
   // Forward only, chunk by chunk through all layers; loss and accuracy, and the logits
   // when `logits_out` ([batch, seq_len, vocab]) is given.
-  StepResult stream(const Batch& batch, index_t chunk, LayerStates<T>* states, Tensor<T>* logits_out) {
+  StepResult stream(const Batch& batch, index_t chunk, LayerStates<T, Mem>* states, Tensor<T, Mem>* logits_out) {
     check_batch(batch);
     SSMX_REQUIRE(holds_all(), ValueError, "evaluate/logits: this model holds layers [", kb_, ", ", ke_, ") of ", K,
                  "; use ssmx::dist::layer_parallel_evaluate");
@@ -290,31 +300,31 @@ class Model {
     for (index_t b = 0; b < batch.batch; ++b) {
       std::vector<index_t> since;
       const Resets resets = sequence_resets(batch, b, since);
-      std::vector<Tensor<T>> state, tail;  // per layer: h, and the last halo rows of its input
+      std::vector<Tensor<T, Mem>> state, tail;  // per layer: h, and the last halo rows of its input
       for (index_t k = 0; k < K; ++k) {
-        state.push_back(zeros<T>(Dims{1, S}, Tag::Activations));
-        tail.push_back(zeros<T>(Dims{halo, d_model}, Tag::Activations));
-        if (states) load_initial(*states, k, b, state.back().data(), tail.back().data());
+        state.push_back(zeros<T, Mem>(Dims{1, S}, Tag::Activations));
+        tail.push_back(zeros<T, Mem>(Dims{halo, d_model}, Tag::Activations));
+        if (states) load_initial(*states, k, b, state.back().view(), tail.back().view());
       }
       for (index_t c0 = 0; c0 < T_; c0 += chunk) {
         const index_t c1 = std::min(T_, c0 + chunk), n = c1 - c0;
-        Tensor<T> y(Dims{halo + n, d_model}, Tag::Activations);  // layer input, its halo rows first
+        Tensor<T, Mem> y(Dims{halo + n, d_model}, Tag::Activations);  // layer input, its halo rows first
         embedding_->forward(batch.inputs + b * T_ + c0, n, y.view().slice(halo, halo + n));
         for (index_t k = 0; k < K; ++k) {
-          std::copy(tail[std::size_t(k)].data(), tail[std::size_t(k)].data() + halo * d_model, y.data());
+          copy<T>(y.view().slice(0, halo), CV(tail[std::size_t(k)].view()));
           Stretch<Layer> st;
-          Tensor<T> next_state(Dims{1, S}, Tag::Activations);
+          Tensor<T, Mem> next_state(Dims{1, S}, Tag::Activations);
           compute_stretch(block(k), CV(y.view()), CV(state[std::size_t(k)].view()), st, next_state.view(),
                           resets.offset(c0));
-          std::copy(y.data() + n * d_model, y.data() + (n + halo) * d_model, tail[std::size_t(k)].data());
-          Tensor<T> y_out(Dims{(k + 1 < K ? halo : 0) + n, d_model}, Tag::Activations);
+          copy<T>(tail[std::size_t(k)].view(), CV(y.view()).slice(n, n + halo));
+          Tensor<T, Mem> y_out(Dims{(k + 1 < K ? halo : 0) + n, d_model}, Tag::Activations);
           write_output(block(k), st, y_out.view().slice(y_out.extent(0) - n, y_out.extent(0)));
           y = std::move(y_out);
           state[std::size_t(k)] = std::move(next_state);
         }
         if (logits_out) {  // no targets to score: the logits only
-          Tensor<T> l = eval(matmul(rms_norm(CV(y.view()), norm_f_.weight.value, norm_f_.eps), head_view()));
-          std::copy_n(l.data(), n * cfg_.vocab, logits_out->data() + (b * T_ + c0) * cfg_.vocab);
+          assign(logits_out->view().reshape(Dims{batch.batch * T_, cfg_.vocab}).slice(b * T_ + c0, b * T_ + c1),
+                 matmul(rms_norm(CV(y.view()), norm_f_.weight.value, norm_f_.eps), head_view()));
           continue;
         }
         StepResult r = head_loss(CV(y.view()), batch.targets + b * T_ + c0, nullptr);
@@ -324,7 +334,7 @@ class Model {
       }
       if (states)
         for (index_t k = 0; k < K; ++k)
-          store_final(*states, k, b, state[std::size_t(k)].data(), tail[std::size_t(k)].data());
+          store_final(*states, k, b, CV(state[std::size_t(k)].view()), CV(tail[std::size_t(k)].view()));
     }
     return total;
   }
@@ -347,10 +357,10 @@ class Model {
 
   static constexpr index_t halo = layer_halo<Layer>::value;
 
-  void prepare_states(const Batch& batch, LayerStates<T>* states) const {
+  void prepare_states(const Batch& batch, LayerStates<T, Mem>* states) const {
     if (!states) return;
     const index_t S = state_numel(Layer::state_dims()), B = batch.batch;
-    auto check = [&](const std::vector<Tensor<T>>& v, const Dims& d, const char* what) {
+    auto check = [&](const std::vector<Tensor<T, Mem>>& v, const Dims& d, const char* what) {
       SSMX_REQUIRE(v.empty() || index_t(v.size()) == K, ShapeError, "LayerStates: ", v.size(), " ", what,
                    " tensors for ", K, " layers");
       for (index_t k = kb_; k < ke_ && !v.empty(); ++k) check_dims(v[std::size_t(k)].dims(), d, what);
@@ -368,25 +378,30 @@ class Model {
     // Layers this process does not hold get empty tensors.
     for (index_t k = 0; k < K; ++k) {
       const bool held = holds_layer(k);
-      states->final_states.push_back(held ? zeros<T>(Dims{B, S}, Tag::Activations) : Tensor<T>());
-      states->initial_grad.push_back(held ? zeros<T>(Dims{B, S}, Tag::Gradients) : Tensor<T>());
+      states->final_states.push_back(held ? zeros<T, Mem>(Dims{B, S}, Tag::Activations) : Tensor<T, Mem>());
+      states->initial_grad.push_back(held ? zeros<T, Mem>(Dims{B, S}, Tag::Gradients) : Tensor<T, Mem>());
       if (halo > 0) {
-        states->final_halo.push_back(held ? zeros<T>(Dims{B, halo, d_model}, Tag::Activations) : Tensor<T>());
-        states->initial_halo_grad.push_back(held ? zeros<T>(Dims{B, halo, d_model}, Tag::Gradients) : Tensor<T>());
+        states->final_halo.push_back(held ? zeros<T, Mem>(Dims{B, halo, d_model}, Tag::Activations) : Tensor<T, Mem>());
+        states->initial_halo_grad.push_back(held ? zeros<T, Mem>(Dims{B, halo, d_model}, Tag::Gradients) : Tensor<T, Mem>());
       }
     }
   }
   // Layer k's initial state and halo rows for sequence b (left as they are when not given).
-  static void load_initial(const LayerStates<T>& st, index_t k, index_t b, T* h, T* halo_rows) {
-    const index_t S = state_numel(Layer::state_dims()), HP = halo * d_model;
-    if (!st.initial.empty()) std::copy_n(st.initial[std::size_t(k)].data() + b * S, S, h);
-    if (!st.initial_halo.empty()) std::copy_n(st.initial_halo[std::size_t(k)].data() + b * HP, HP, halo_rows);
+  // h: [1, S]; halo_rows: [halo, d_model].
+  static void load_initial(const LayerStates<T, Mem>& st, index_t k, index_t b, TensorView<T, Mem> h,
+                           TensorView<T, Mem> halo_rows) {
+    if (!st.initial.empty()) copy<T>(h, row_of(st.initial[std::size_t(k)], b, h.dims()));
+    if (!st.initial_halo.empty()) copy<T>(halo_rows, row_of(st.initial_halo[std::size_t(k)], b, halo_rows.dims()));
   }
-  static void store_final(LayerStates<T>& st, index_t k, index_t b, const T* h, const T* halo_rows) {
-    const index_t S = state_numel(Layer::state_dims()), HP = halo * d_model;
-    std::copy_n(h, S, st.final_states[std::size_t(k)].data() + b * S);
-    if (halo > 0) std::copy_n(halo_rows, HP, st.final_halo[std::size_t(k)].data() + b * HP);
+  static void store_final(LayerStates<T, Mem>& st, index_t k, index_t b, CV h, CV halo_rows) {
+    copy<T>(row_of(st.final_states[std::size_t(k)], b, h.dims()), h);
+    if (halo > 0) copy<T>(row_of(st.final_halo[std::size_t(k)], b, halo_rows.dims()), halo_rows);
   }
+  // Sequence b's part of a per-sequence state tensor ([batch, ...]), viewed with extents d.
+  static TensorView<T, Mem> row_of(Tensor<T, Mem>& t, index_t b, const Dims& d) {
+    return TensorView<T, Mem>(t.data() + b * d.numel(), d);
+  }
+  static CV row_of(const Tensor<T, Mem>& t, index_t b, const Dims& d) { return CV(t.data() + b * d.numel(), d); }
   // Sequence b's document starts, with `since` (tokens since the last start, capped at the
   // halo) filled for the layers' windows.
   static Resets sequence_resets(const Batch& batch, index_t b, std::vector<index_t>& since) {
@@ -403,36 +418,33 @@ class Model {
 
   // The LM head and loss over one stretch of final-layer outputs y ([n, P]). When G is
   // given, writes dL/dy into it and adds the head's parameter gradients.
-  StepResult head_loss(CV y, const token_t* targets, TensorView<T>* G) {
+  StepResult head_loss(CV y, const token_t* targets, TensorView<T, Mem>* G) {
     const index_t n = y.extent(0), V = cfg_.vocab;
-    Tensor<T> onehot = zeros<T>(Dims{n, V}, Tag::Workspace);
+    Tensor<T> onehot_host = zeros<T>(Dims{n, V}, Tag::Workspace);
     StepResult r;
     for (index_t t = 0; t < n; ++t)
       if (targets[t] >= 0) {
-        onehot(t, index_t(targets[t])) = T(1);
+        onehot_host(t, index_t(targets[t])) = T(1);
         ++r.tokens;
       }
+    const Tensor<T, Mem> onehot = to_space<Mem>(onehot_host);
     auto le = matmul(rms_norm(y, norm_f_.weight.value, norm_f_.eps), head_view());
     Tape<decltype(le)> ltape(le);
     CV logits = ltape.value();
-    for (index_t t = 0; t < n; ++t)
-      if (targets[t] >= 0) {
-        index_t best = 0;
-        for (index_t v = 1; v < V; ++v)
-          if (logits(t, v) > logits(t, best)) best = v;
-        r.correct += best == index_t(targets[t]) ? 1 : 0;
-      }
+    r.correct = count_correct(logits, targets);
     auto loss_e = -sum(log_softmax(logits) * leaf(onehot));
     Tape<decltype(loss_e)> tape(loss_e);
-    r.loss = double(tape.value().data()[0]);
+    T loss = 0;
+    ssmx::detail::copy_bytes(&loss, Space::Host, tape.value().data(), Mem, sizeof(T));
+    r.loss = double(loss);
     if (G) {
-      Tensor<T> dlogits = zeros<T>(Dims{n, V}, Tag::Workspace);
-      Tensor<T> one(Dims{}, Tag::Workspace);
-      one.data()[0] = T(1);
-      GradTargets<T, Space::Host> tg{wrt(logits, dlogits)};
+      Tensor<T, Mem> dlogits = zeros<T, Mem>(Dims{n, V}, Tag::Workspace);
+      Tensor<T, Mem> one(Dims{}, Tag::Workspace);
+      fill<T>(one.view(), T(1));
+      GradTargets<T, Mem> tg{wrt(logits, dlogits)};
       backward(loss_e, tape, CV(one.view()), tg);
       fill<T>(*G, T(0));
-      GradTargets<T, Space::Host> htg{wrt(y, *G), wrt(norm_f_.weight.value, norm_f_.weight.grad),
+      GradTargets<T, Mem> htg{wrt(y, *G), wrt(norm_f_.weight.value, norm_f_.weight.grad),
                                       wrt(head_view(), head_grad_view())};
       backward(le, ltape, CV(dlogits.view()), htg);
     }
@@ -444,29 +456,29 @@ class Model {
     if (head_) return head_->value.view();
     return CV(embedding_->weight.value.data(), Dims{d_model, cfg_.vocab}, {1, d_model, 0, 0});
   }
-  TensorView<T> head_grad_view() {
+  TensorView<T, Mem> head_grad_view() {
     if (head_) return head_->grad.view();
-    return TensorView<T>(embedding_->weight.grad.data(), Dims{d_model, cfg_.vocab}, {1, d_model, 0, 0});
+    return TensorView<T, Mem>(embedding_->weight.grad.data(), Dims{d_model, cfg_.vocab}, {1, d_model, 0, 0});
   }
 
   // One sequence: forward storing what the strategy stores, then backward (unless
   // with_backward is false). With a link: this process's layers and tokens only.
   template <class Strategy>
-  StepResult sequence(const Batch& batch, index_t b, const Strategy& strategy, LayerStates<T>* states,
-                      SequenceLink<T>* link, bool with_backward);
+  StepResult sequence(const Batch& batch, index_t b, const Strategy& strategy, LayerStates<T, Mem>* states,
+                      SequenceLink<T, Mem>* link, bool with_backward);
 
   Config cfg_;
   index_t kb_ = 0, ke_ = K;  // the layers held
-  std::optional<Embedding<T>> embedding_;
+  std::optional<Embedding<T, Mem>> embedding_;
   std::vector<std::unique_ptr<Block<Layer>>> blocks_;
-  RMSNorm<T> norm_f_;
-  std::optional<Parameter<T>> head_;
+  RMSNorm<T, Mem> norm_f_;
+  std::optional<Parameter<T, Mem>> head_;
 };
 
-template <class Layer, index_t K>
+template <class Layer_, index_t K, Space Mem>
 template <class Strategy>
-StepResult Model<Layer, K>::sequence(const Batch& batch, index_t b, const Strategy& strategy, LayerStates<T>* states,
-                                     SequenceLink<T>* link, bool with_backward) {
+StepResult Model<Layer_, K, Mem>::sequence(const Batch& batch, index_t b, const Strategy& strategy,
+                                         LayerStates<T, Mem>* states, SequenceLink<T, Mem>* link, bool with_backward) {
   constexpr bool backprop = std::is_same_v<Strategy, Backprop>;
   constexpr bool paper = std::is_same_v<Strategy, PaperAdjoint>;
   constexpr bool truncated = std::is_same_v<Strategy, TruncatedAdjoint>;
@@ -509,81 +521,85 @@ StepResult Model<Layer, K>::sequence(const Batch& batch, index_t b, const Strate
 
   // ---- forward: store each layer's input (after its halo rows) and its chunk-boundary states ----
   // Y[k]: input of layer k, [halo + n, P]; rows [0, halo) come before t0.
-  std::vector<StoredStream<T>> Y(static_cast<std::size_t>(K + 1));
+  std::vector<StoredStream<T, Mem>> Y(static_cast<std::size_t>(K + 1));
   auto new_input = [&](index_t k) {
-    Y[std::size_t(k)] = StoredStream<T>(halo + n_tok, P, cfg_.bf16_inputs);
+    Y[std::size_t(k)] = StoredStream<T, Mem>(halo + n_tok, P, cfg_.bf16_inputs);
     if (states && first && !states->initial_halo.empty() && holds_layer(k))
       Y[std::size_t(k)].write(0, CV(states->initial_halo[std::size_t(k)].data() + b * HP, Dims{halo, P}));
   };
   new_input(kb);
-  Y[std::size_t(kb)].write(halo, halo + n_tok, [&](TensorView<T> v) {
+  Y[std::size_t(kb)].write(halo, halo + n_tok, [&](TensorView<T, Mem> v) {
     if (kb == 0)
       embedding_->forward(inputs, n_tok, v);
     else
       link->receive_input(v);
   });
-  std::vector<Tensor<T>> bnd(static_cast<std::size_t>(K));        // bnd[k]: [nchunks, S], the state before each chunk
-  std::vector<Tensor<T>> decay_prod(static_cast<std::size_t>(K));  // sequence sharding: Π a over this process's tokens
-  Tensor<T> G(Dims{n_tok, d_model}, Tag::Gradients);  // dL/dy_k, carried down
+  std::vector<Tensor<T, Mem>> bnd(static_cast<std::size_t>(K));        // bnd[k]: [nchunks, S], the state before each chunk
+  std::vector<Tensor<T, Mem>> decay_prod(static_cast<std::size_t>(K));  // sequence sharding: Π a over this process's tokens
+  Tensor<T, Mem> G(Dims{n_tok, d_model}, Tag::Gradients);  // dL/dy_k, carried down
   std::vector<Stretch<Layer>> kept(backprop ? std::size_t(K) : 0);
   std::vector<std::vector<ShardTapes<Layer>>> kept_tapes(backprop ? std::size_t(K) : 0);
   StepResult r;
   for (index_t k = kb; k < ke; ++k) {
     const bool top = k == K - 1;
-    StoredStream<T>& Yk = Y[std::size_t(k)];
-    Tensor<T>& bk = bnd[std::size_t(k)];
-    bk = zeros<T>(Dims{nchunks, S}, Tag::Activations);
-    if (states && first && !states->initial.empty()) std::copy_n(states->initial[std::size_t(k)].data() + b * S, S, bk.data());
+    StoredStream<T, Mem>& Yk = Y[std::size_t(k)];
+    Tensor<T, Mem>& bk = bnd[std::size_t(k)];
+    bk = zeros<T, Mem>(Dims{nchunks, S}, Tag::Activations);
+    if (states && first && !states->initial.empty())
+      copy<T>(bk.view().slice(0, 1), row_of(states->initial[std::size_t(k)], b, Dims{1, S}));
     if (split) {
       if constexpr (halo > 0) {
-        Tensor<T> buf;
+        Tensor<T, Mem> buf;
         const CV tail = Yk.read(n_tok, n_tok + halo, buf);
-        Yk.write(0, halo, [&](TensorView<T> rows) { link->exchange_halo(k, tail, rows); });
+        Yk.write(0, halo, [&](TensorView<T, Mem> rows) { link->exchange_halo(k, tail, rows); });
       }
       // This process's tokens as the affine map h -> (Π a) h + h_end of the state before
       // them (h_end from the state known here: the initial one, or zero). One forward over
       // the chunks finds it; the composition over the processes before gives the state.
-      Tensor<T> ab(Dims{2, S}, Tag::Workspace);
-      std::fill_n(ab.data(), S, T(1));
-      Tensor<T> h = eval(leaf(CV(bk.view()).slice(0, 1)), Tag::Workspace);
+      Tensor<T, Mem> ab(Dims{2, S}, Tag::Workspace);
+      const TensorView<T, Mem> prod = ab.view().slice(0, 1);
+      fill<T>(prod, T(1));
+      const Tensor<T, Mem> zero = zeros<T, Mem>(Dims{1, S}, Tag::Workspace);
+      Tensor<T, Mem> h = eval(leaf(CV(bk.view()).slice(0, 1)), Tag::Workspace);
       for (index_t c = 0; c < nchunks; ++c) {
         const index_t c0 = c * chunk, c1 = std::min(n_tok, c0 + chunk);
         Stretch<Layer> st;
-        Tensor<T> h_last(Dims{1, S}, Tag::Workspace), buf;
+        Tensor<T, Mem> h_last(Dims{1, S}, Tag::Workspace), buf;
         compute_stretch(block(k), Yk.read(c0, halo + c1, buf), CV(h.view()), st, h_last.view(), resets.offset(c0));
-        const T* a = st.a.data();
-        for (index_t t = 0; t < c1 - c0; ++t)
-          for (index_t i = 0; i < S; ++i) ab.data()[i] *= a[t * S + i];
+        // Π a over the chunk's tokens, in token order: the scan of (a, 0) from `prod`.
+        Tensor<T, Mem> run(Dims{1, c1 - c0, S}, Tag::Workspace);
+        linear_scan<T, Mem>(CV(st.a.view()), detail::repeat_row<T, Mem>(zero.data(), c1 - c0, S), run.view(), prod,
+                            prod);
         h = std::move(h_last);
       }
-      std::copy_n(h.data(), S, ab.data() + S);
-      decay_prod[std::size_t(k)] = eval(leaf(CV(ab.view()).slice(0, 1)), Tag::Activations);
+      copy<T>(ab.view().slice(1, 2), CV(h.view()));
+      decay_prod[std::size_t(k)] = eval(leaf(CV(prod)), Tag::Activations);
       link->forward_carry(k, ab.view());
-      if (!first) std::copy_n(ab.data() + S, S, bk.data());
+      if (!first) copy<T>(bk.view().slice(0, 1), CV(ab.view()).slice(1, 2));
     }
     if (k + 1 < K) new_input(k + 1);
     for (index_t c = 0; c < nchunks; ++c) {
       const index_t c0 = c * chunk, c1 = std::min(n_tok, c0 + chunk);
       Stretch<Layer> st;
-      Tensor<T> h_last(Dims{1, S}, Tag::Activations);
+      Tensor<T, Mem> h_last(Dims{1, S}, Tag::Activations);
       compute_stretch(block(k), Yk.read(c0, halo + c1, st.y_hold), CV(bk.view()).slice(c, c + 1), st, h_last.view(),
                       resets.offset(c0));
       if (c + 1 < nchunks) {
-        std::copy_n(h_last.data(), S, bk.data() + (c + 1) * S);
+        copy<T>(bk.view().slice(c + 1, c + 2), CV(h_last.view()));
       } else if (states) {
-        Tensor<T> buf;
-        store_final(*states, k, b, h_last.data(), Yk.read(n_tok, n_tok + halo, buf).data());
+        Tensor<T, Mem> buf;
+        store_final(*states, k, b, CV(h_last.view()), Yk.read(n_tok, n_tok + halo, buf));
       }
       if (top) {
-        Tensor<T> y_out(Dims{c1 - c0, d_model}, Tag::Activations);
+        Tensor<T, Mem> y_out(Dims{c1 - c0, d_model}, Tag::Activations);
         write_output(block(k), st, y_out.view());
-        TensorView<T> g = G.view().slice(c0, c1);
+        TensorView<T, Mem> g = G.view().slice(c0, c1);
         StepResult hr = head_loss(CV(y_out.view()), targets + c0, with_backward ? &g : nullptr);
         r.loss += hr.loss;
         r.tokens += hr.tokens;
         r.correct += hr.correct;
       } else {
-        Y[std::size_t(k + 1)].write(halo + c0, halo + c1, [&](TensorView<T> v) { write_output(block(k), st, v); });
+        Y[std::size_t(k + 1)].write(halo + c0, halo + c1, [&](TensorView<T, Mem> v) { write_output(block(k), st, v); });
       }
       if constexpr (backprop) {  // the autograd tape: keep every intermediate
         kept_tapes[std::size_t(k)].emplace_back(block(k), st, 0, st.n());
@@ -593,7 +609,7 @@ StepResult Model<Layer, K>::sequence(const Batch& batch, index_t b, const Strate
     if (!with_backward) Yk.clear();  // forward only: nothing is stored
   }
   if (ke < K) {
-    Tensor<T> buf;
+    Tensor<T, Mem> buf;
     link->send_output(Y[std::size_t(ke)].read(halo, halo + n_tok, buf));
     Y[std::size_t(ke)].clear();
   }
@@ -604,53 +620,50 @@ StepResult Model<Layer, K>::sequence(const Batch& batch, index_t b, const Strate
     fill<T>(G.view(), T(0));
     link->receive_grad(G.view());
   }
-  Tensor<T> G_paper;  // PaperAdjoint: every layer takes dl/dy_K; input cotangents collect here
+  Tensor<T, Mem> G_paper;  // PaperAdjoint: every layer takes dl/dy_K; input cotangents collect here
   if constexpr (paper) G_paper = G.clone(Tag::Gradients);
-  TensorView<T> G_in = paper ? G_paper.view() : G.view();  // where dL/dy_{k-1} accumulates
-  ShardGrads<T> sg;
+  TensorView<T, Mem> G_in = paper ? G_paper.view() : G.view();  // where dL/dy_{k-1} accumulates
+  ShardGrads<T, Mem> sg;
   for (index_t k = ke - 1; k >= kb; --k) {
-    StoredStream<T>& Yk = Y[std::size_t(k)];
-    Tensor<T>& bk = bnd[std::size_t(k)];
-    Tensor<T> carry, q_next;
+    StoredStream<T, Mem>& Yk = Y[std::size_t(k)];
+    Tensor<T, Mem>& bk = bnd[std::size_t(k)];
+    Tensor<T, Mem> carry, q_next;
     if (states && final_tok && !states->final_grad.empty()) {
-      carry = Tensor<T>(Dims{1, S}, Tag::Workspace);
-      std::copy_n(states->final_grad[std::size_t(k)].data() + b * S, S, carry.data());
+      carry = Tensor<T, Mem>(Dims{1, S}, Tag::Workspace);
+      copy<T>(carry.view(), row_of(states->final_grad[std::size_t(k)], b, Dims{1, S}));
     }
     if (split) {
       // The adjoint carry this process passes down is (Π a) carry_in + c_0, with c_0 the
       // one it passes for the carry known here (final_grad, or zero): a reverse pass of
       // the adjoint alone over the chunks finds c_0, the composition over the processes
       // after gives carry_in.
-      Tensor<T> c_run = carry.empty() ? zeros<T>(Dims{1, S}, Tag::Workspace) : carry.clone(Tag::Workspace);
+      Tensor<T, Mem> c_run = carry.empty() ? zeros<T, Mem>(Dims{1, S}, Tag::Workspace) : carry.clone(Tag::Workspace);
       for (index_t c = nchunks - 1; c >= 0; --c) {
         const index_t c0 = c * chunk, c1 = std::min(n_tok, c0 + chunk);
         Stretch<Layer> st;
         compute_stretch(block(k), Yk.read(c0, halo + c1, st.y_hold), CV(bk.view()).slice(c, c + 1), st, {},
                         resets.offset(c0));
-        StretchBackward<T> opt;
+        StretchBackward<T, Mem> opt;
         opt.shard = shard;
         opt.adjoint_only = true;
         opt.carry_in = c_run.view();
-        Tensor<T> c_out(Dims{1, S}, Tag::Workspace);
+        Tensor<T, Mem> c_out(Dims{1, S}, Tag::Workspace);
         opt.carry_out = c_out.view();
         backward_stretch(block(k), st, CV(G.view()).slice(c0, c1), opt, sg);
         c_run = std::move(c_out);
       }
-      Tensor<T> ab(Dims{2, S}, Tag::Workspace);
-      std::copy_n(decay_prod[std::size_t(k)].data(), S, ab.data());
-      std::copy_n(c_run.data(), S, ab.data() + S);
+      Tensor<T, Mem> ab(Dims{2, S}, Tag::Workspace);
+      copy<T>(ab.view().slice(0, 1), CV(decay_prod[std::size_t(k)].view()));
+      copy<T>(ab.view().slice(1, 2), CV(c_run.view()));
       link->backward_carry(k, ab.view());
-      if (!final_tok) {
-        carry = Tensor<T>(Dims{1, S}, Tag::Workspace);
-        std::copy_n(ab.data() + S, S, carry.data());
-      }
+      if (!final_tok) carry = eval(leaf(CV(ab.view()).slice(1, 2)), Tag::Workspace);
     }
     // dL/d(input rows [q, q + halo)) from the windows of later chunks, held back until the
     // chunk owning those rows has read its own cotangent from G.
-    Tensor<T> pending = zeros<T>(Dims{halo, P}, Tag::Workspace);
+    Tensor<T, Mem> pending = zeros<T, Mem>(Dims{halo, P}, Tag::Workspace);
     index_t q = n_tok - halo;
     if (states && final_tok && !states->final_halo_grad.empty())
-      std::copy_n(states->final_halo_grad[std::size_t(k)].data() + b * HP, HP, pending.data());
+      copy<T>(pending.view(), row_of(states->final_halo_grad[std::size_t(k)], b, Dims{halo, P}));
     for (index_t c = nchunks - 1; c >= 0; --c) {
       const index_t c0 = c * chunk, c1 = std::min(n_tok, c0 + chunk);
       Stretch<Layer> recomputed;
@@ -658,42 +671,42 @@ StepResult Model<Layer, K>::sequence(const Batch& batch, index_t b, const Strate
         compute_stretch(block(k), Yk.read(c0, halo + c1, recomputed.y_hold), CV(bk.view()).slice(c, c + 1), recomputed,
                         {}, resets.offset(c0));
       const Stretch<Layer>& st = backprop ? kept[std::size_t(k)] : recomputed;
-      StretchBackward<T> opt;
+      StretchBackward<T, Mem> opt;
       opt.method = paper ? DeltaMethod::paper : truncated ? DeltaMethod::truncated : DeltaMethod::exact;
       opt.shard = shard;
       if constexpr (paper) opt.window = strategy.window;
       if constexpr (truncated) opt.window = strategy.window;
       if (!carry.empty()) opt.carry_in = carry.view();
-      Tensor<T> carry_out(Dims{1, S}, Tag::Workspace), q_cur;
+      Tensor<T, Mem> carry_out(Dims{1, S}, Tag::Workspace), q_cur;
       opt.carry_out = carry_out.view();
       if constexpr (truncated) {
         opt.q_next = &q_next;
         opt.q_out = c > 0 ? &q_cur : nullptr;
       }
       opt.input_grad = G_in.slice(c0, c1);
-      Tensor<T> halo_grad = zeros<T>(Dims{halo, P}, Tag::Workspace);
+      Tensor<T, Mem> halo_grad = zeros<T, Mem>(Dims{halo, P}, Tag::Workspace);
       opt.halo_grad = halo_grad.view();
       backward_stretch(block(k), st, CV(G.view()).slice(c0, c1), opt, sg,
                        backprop ? &kept_tapes[std::size_t(k)] : nullptr);
       carry = std::move(carry_out);
       if constexpr (truncated) q_next = std::move(q_cur);
       if constexpr (halo > 0) {
-        Tensor<T> next = std::move(halo_grad);  // rows [c0 - halo, c0)
+        Tensor<T, Mem> next = std::move(halo_grad);  // rows [c0 - halo, c0)
         for (index_t i = 0; i < halo; ++i) {
           const index_t row = q + i;
-          const T* src = pending.data() + i * P;
+          const CV src = CV(pending.view()).slice(i, i + 1);
           if (row >= c0 && row < c1)
-            for (index_t p = 0; p < P; ++p) G_in(row, p) += src[p];
+            accumulate(G_in.slice(row, row + 1), leaf(src));
           else if (row < c0)
-            for (index_t p = 0; p < P; ++p) next.data()[(row - (c0 - halo)) * P + p] += src[p];
+            accumulate(next.view().slice(row - (c0 - halo), row - (c0 - halo) + 1), leaf(src));
         }
         pending = std::move(next);
         q = c0 - halo;
       }
     }
     if (states && first) {
-      std::copy_n(carry.data(), S, states->initial_grad[std::size_t(k)].data() + b * S);
-      if (halo > 0) std::copy_n(pending.data(), HP, states->initial_halo_grad[std::size_t(k)].data() + b * HP);
+      copy<T>(row_of(states->initial_grad[std::size_t(k)], b, Dims{1, S}), CV(carry.view()));
+      if (halo > 0) copy<T>(row_of(states->initial_halo_grad[std::size_t(k)], b, Dims{halo, P}), CV(pending.view()));
     }
     // The rows before t0 belong to the previous process; this process's last rows get the
     // next process's part (G_in now holds dL/dy_{k-1} on every row but those terms).

@@ -16,13 +16,13 @@ auto rms_norm(const X& x, const W& w, double eps = default_norm_eps) {
 }
 
 // A norm with its own weight parameter [d_model], initialised to one.
-template <class T>
+template <class T, Space S = Space::Host>
 struct RMSNorm {
-  Parameter<T> weight;
+  Parameter<T, S> weight;
   double eps = default_norm_eps;
   RMSNorm(std::string name, index_t d_model) : weight(std::move(name), Dims{d_model}) {
-    fill<T>(weight.value.view(), T(1));
-    fill<T>(weight.grad.view(), T(0));
+    set_values(weight, [](index_t) { return T(1); });
+    zero_grad(ParameterList<T, S>{&weight});
   }
   template <class X>
   auto operator()(const X& x) const {

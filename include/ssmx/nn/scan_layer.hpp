@@ -14,10 +14,13 @@
 // Without a feature stage f is u itself and phase 3 is empty.
 //
 // Once δ is known every token's VJP is independent (the paper's "sharding"): the tokens
-// of a stretch are cut into shards of fixed length run on OpenMP threads, each with its
-// own parameter-gradient buffers, summed afterwards in shard order. The result is
-// bit-identical whatever the number of threads.
-// Host backend. Private header: include <ssmx/nn/model.hpp>.
+// of a stretch are cut into shards of fixed length, each with its own parameter-gradient
+// buffers, summed afterwards in shard order. The result is bit-identical whatever the
+// number of threads.
+// One source for both memory spaces (the layer's `space`): on the host the shards run on
+// OpenMP threads and every expression is a loop; on the GPU the shards run one after
+// another on the stream and every expression, scan and product is a kernel, cuBLAS or CUB.
+// Private header: include <ssmx/nn/model.hpp>.
 #pragma once
 
 #include <algorithm>
@@ -38,16 +41,37 @@
 
 namespace ssmx::nn {
 
+// The memory space of a layer (Layer::space; host for a layer that does not say), and the
+// same layer in another space (Layer::on<S>; a layer without it lives on the host only).
+template <class L, class = void>
+struct layer_space : std::integral_constant<Space, Space::Host> {};
+template <class L>
+struct layer_space<L, std::void_t<decltype(L::space)>> : std::integral_constant<Space, L::space> {};
+template <class L, Space S, class = void>
+struct layer_on {
+  static_assert(S == layer_space<L>::value,
+                "ssmx: this layer cannot move to another memory space; give it `template <Space S2> using on = ...` "
+                "(see DiagonalSSM)");
+  using type = L;
+};
+template <class L, Space S>
+struct layer_on<L, S, std::void_t<typename L::template on<S>>> {
+  using type = typename L::template on<S>;
+};
+template <class L, Space S>
+using layer_on_t = typename layer_on<L, S>::type;
+
 // A residual block: y_out = y_in + mixer(RMSNorm(y_in)).
 template <class Layer>
 struct Block {
   using T = typename Layer::value_type;
-  RMSNorm<T> norm;
+  static constexpr Space S = layer_space<Layer>::value;
+  RMSNorm<T, S> norm;
   Layer mixer;
   explicit Block(const std::string& prefix) : norm(prefix + "norm.weight", Layer::d_model), mixer(prefix + "mixer.") {}
   // The norm weight first, then the mixer's parameters in its order.
-  ParameterList<T> parameters() {
-    ParameterList<T> p{&norm.weight};
+  ParameterList<T, S> parameters() {
+    ParameterList<T, S> p{&norm.weight};
     for (auto* q : mixer.parameters()) p.push_back(q);
     return p;
   }
@@ -74,7 +98,7 @@ struct layer_feature_count<L, std::void_t<decltype(L::num_features)>>
 namespace detail {
 template <class Layer, bool has_features>
 struct FeatureTypes {  // no feature stage: the maps read U
-  using CV = TensorView<const typename Layer::value_type>;
+  using CV = TensorView<const typename Layer::value_type, layer_space<Layer>::value>;
   using MapInput = CV;
   using Expr = std::tuple<>;
   using Tapes = std::tuple<>;
@@ -89,7 +113,7 @@ struct TapesOf<std::tuple<E...>> {
 };
 template <class Layer>
 struct FeatureTypes<Layer, true> {
-  using CV = TensorView<const typename Layer::value_type>;
+  using CV = TensorView<const typename Layer::value_type, layer_space<Layer>::value>;
   using MapInput = std::array<CV, layer_feature_count<Layer>::value>;
   using Expr = decltype(std::declval<const Layer&>().features(std::declval<CV>(), std::declval<CV>()));
   using Tapes = typename TapesOf<Expr>::type;
@@ -108,14 +132,16 @@ void for_each_index(F&& f) {
 template <class Layer>
 struct LayerTypes {
   using T = typename Layer::value_type;
-  using CV = TensorView<const T>;
+  static constexpr Space space = layer_space<Layer>::value;
+  using CV = TensorView<const T, space>;
+  using Tens = Tensor<T, space>;
   static constexpr index_t halo = layer_halo<Layer>::value;
   static constexpr std::size_t num_features = layer_feature_count<Layer>::value;
   static_assert(halo >= 0, "ScanLayer: halo must be >= 0");
   static_assert(halo == 0 || num_features > 0, "ScanLayer: a layer with a halo must read it through features()");
   using Features = detail::FeatureTypes<Layer, (num_features > 0)>;
   using MapInput = typename Features::MapInput;  // what decay/inject/readout take
-  using NormE = decltype(rms_norm(std::declval<CV>(), std::declval<const Tensor<T>&>()));
+  using NormE = decltype(rms_norm(std::declval<CV>(), std::declval<const Tens&>()));
   using DecayE = decltype(std::declval<const Layer&>().decay(std::declval<MapInput>()));
   using InjectE = decltype(std::declval<const Layer&>().inject(std::declval<MapInput>()));
   using ReadoutE = decltype(std::declval<const Layer&>().readout(std::declval<CV>(), std::declval<MapInput>()));
@@ -142,34 +168,52 @@ struct Resets {
   Resets offset(index_t t) const { return any() ? Resets{starts + t, since + t} : Resets{}; }
 };
 
+namespace detail {
+// Zeroes rows t of x ([1, n, S]) where a document starts (the decay, or dL/d(decay)).
+template <class T, Space S>
+void zero_rows_at_starts(TensorView<T, S> x, Resets resets) {
+  if (!resets.any()) return;
+  const index_t n = x.extent(1), row = x.extent(2);
+  for (index_t t = 0; t < n; ++t)
+    if (resets.starts[t]) ssmx::detail::zero_bytes(x.data() + t * row, S, std::size_t(row) * sizeof(T));
+}
+
+// [1, n, S] views repeating one row (time stride 0): constant sequences without buffers.
+template <class T, Space S>
+TensorView<const T, S> repeat_row(const T* row, index_t n, index_t width) {
+  return TensorView<const T, S>(row, Dims{1, n, width}, {0, 0, 1, 0});
+}
+
+}  // namespace detail
+
 // What one stretch of tokens of one layer computes in the forward pass.
 template <class Layer>
 struct Stretch {
   using T = typename Layer::value_type;
   using Ty = LayerTypes<Layer>;
+  using CV = typename Ty::CV;
+  using Tens = typename Ty::Tens;
   static constexpr index_t halo = Ty::halo;
-  TensorView<const T> y_ext;                     // [halo + n, d_model], the stored layer input (not owned)
-  Tensor<T> y_hold;                              // what y_ext views when the stored input was converted (bf16 storage)
-  Tensor<T> u;                                   // [halo + n, d_model], normalised
-  std::array<Tensor<T>, Ty::num_features> f;     // the features, [n, F_i]
-  Tensor<T> mask;                                // [halo + 1, n] tap mask, or empty
-  Tensor<T> a;                                   // [1, n, S], the decay broadcast to the state
-  Tensor<T> h;                                   // [1, n, S], the states
-  Tensor<T> h0;                                  // [1, S], the state before the stretch
+  CV y_ext;                                 // [halo + n, d_model], the stored layer input (not owned)
+  Tens y_hold;                              // what y_ext views when the stored input was converted (bf16 storage)
+  Tens u;                                   // [halo + n, d_model], normalised
+  std::array<Tens, Ty::num_features> f;     // the features, [n, F_i]
+  Tens mask;                                // [halo + 1, n] tap mask, or empty
+  Tens a;                                   // [1, n, S], the decay broadcast to the state
+  Tens h;                                   // [1, n, S], the states
+  Tens h0;                                  // [1, S], the state before the stretch
   Resets resets;
   index_t n() const { return y_ext.extent(0) - halo; }
-  TensorView<const T> y_in() const { return y_ext.slice(halo, halo + n()); }
-  TensorView<const T> u_tokens() const { return TensorView<const T>(u.view()).slice(halo, halo + n()); }
-  TensorView<const T> mask_cols(index_t s0, index_t s1) const {
-    return mask.empty() ? TensorView<const T>() : TensorView<const T>(mask.view()).slice(1, s0, s1);
-  }
+  CV y_in() const { return y_ext.slice(halo, halo + n()); }
+  CV u_tokens() const { return CV(u.view()).slice(halo, halo + n()); }
+  CV mask_cols(index_t s0, index_t s1) const { return mask.empty() ? CV() : CV(mask.view()).slice(1, s0, s1); }
   // The per-token maps' input for tokens [s0, s1).
   typename Ty::MapInput maps(index_t s0, index_t s1) const {
     if constexpr (Ty::num_features == 0) {
       return u_tokens().slice(s0, s1);
     } else {
       typename Ty::MapInput m;
-      for (std::size_t i = 0; i < Ty::num_features; ++i) m[i] = TensorView<const T>(f[i].view()).slice(s0, s1);
+      for (std::size_t i = 0; i < Ty::num_features; ++i) m[i] = CV(f[i].view()).slice(s0, s1);
       return m;
     }
   }
@@ -213,11 +257,13 @@ struct ShardTapes {
 // Forward over one stretch: fills st from y_ext ([halo + n, d_model], the halo rows first)
 // and the state h0 before it (empty: zero); writes the last state to h_last when given.
 template <class Layer>
-void compute_stretch(const Block<Layer>& blk, TensorView<const typename Layer::value_type> y_ext,
-                     TensorView<const typename Layer::value_type> h0, Stretch<Layer>& st,
-                     TensorView<typename Layer::value_type> h_last = {}, Resets resets = {}) {
+void compute_stretch(const Block<Layer>& blk, typename LayerTypes<Layer>::CV y_ext, typename LayerTypes<Layer>::CV h0,
+                     Stretch<Layer>& st, TensorView<typename Layer::value_type, LayerTypes<Layer>::space> h_last = {},
+                     Resets resets = {}) {
   using T = typename Layer::value_type;
   using Ty = LayerTypes<Layer>;
+  using Tens = typename Ty::Tens;
+  constexpr Space space = Ty::space;
   constexpr index_t halo = Ty::halo;
   const Dims sd = Layer::state_dims();
   SSMX_REQUIRE(y_ext.extent(0) > halo, ShapeError, "scan layer: a stretch of ", y_ext.extent(0),
@@ -225,34 +271,34 @@ void compute_stretch(const Block<Layer>& blk, TensorView<const typename Layer::v
   const index_t n = y_ext.extent(0) - halo, S = state_numel(sd);
   st.y_ext = y_ext;
   st.resets = resets;
-  st.u = Tensor<T>(y_ext.dims(), Tag::Activations);
+  st.u = Tens(y_ext.dims(), Tag::Activations);
   assign(st.u.view(), rms_norm(y_ext, blk.norm.weight.value, blk.norm.eps));
   if constexpr (Ty::num_features > 0) {
-    st.mask = Tensor<T>();
+    st.mask = Tens();
     if (halo > 0 && resets.any()) {  // tap j reaches halo - j tokens back
-      st.mask = Tensor<T>(Dims{halo + 1, n}, Tag::Activations);
+      Tensor<T> mask(Dims{halo + 1, n}, Tag::Workspace);
       for (index_t j = 0; j <= halo; ++j)
-        for (index_t t = 0; t < n; ++t) st.mask(j, t) = T(halo - j <= resets.since[t] ? 1 : 0);
+        for (index_t t = 0; t < n; ++t) mask(j, t) = T(halo - j <= resets.since[t] ? 1 : 0);
+      st.mask = to_space<space>(mask, Tag::Activations);
     }
     auto fe = blk.mixer.features(ShardTapes<Layer>::u_rows(st, 0, n), st.mask_cols(0, n));
     detail::for_each_index<Ty::num_features>([&](auto I) { st.f[I] = eval(std::get<I>(fe), Tag::Activations); });
   }
   const auto maps = st.maps(0, n);
-  st.a = Tensor<T>(Dims{1, n, S}, Tag::Activations);
+  st.a = Tens(Dims{1, n, S}, Tag::Activations);
   assign(st.a.view().reshape(with_tokens(n, sd)), broadcast_to(blk.mixer.decay(maps), with_tokens(n, sd)));
-  if (resets.any())
-    for (index_t t = 0; t < n; ++t)
-      if (resets.starts[t]) std::fill(st.a.data() + t * S, st.a.data() + (t + 1) * S, T(0));
-  st.h = Tensor<T>(Dims{1, n, S}, Tag::Activations);
+  detail::zero_rows_at_starts(st.a.view(), resets);
+  st.h = Tens(Dims{1, n, S}, Tag::Activations);
   assign(st.h.view().reshape(with_tokens(n, sd)), blk.mixer.inject(maps));
-  st.h0 = zeros<T>(Dims{1, S}, Tag::Activations);
+  st.h0 = zeros<T, space>(Dims{1, S}, Tag::Activations);
   if (h0.data()) copy<T>(st.h0.view(), h0.reshape(Dims{1, S}));
-  linear_scan<T, Space::Host>(st.a.view(), st.h.view(), st.h.view(), st.h0.view(), h_last);
+  linear_scan<T, space>(st.a.view(), st.h.view(), st.h.view(), st.h0.view(), h_last);
 }
 
 // y_out = y_in + readout(h, maps) for a computed stretch.
 template <class Layer>
-void write_output(const Block<Layer>& blk, const Stretch<Layer>& st, TensorView<typename Layer::value_type> y_out) {
+void write_output(const Block<Layer>& blk, const Stretch<Layer>& st,
+                  TensorView<typename Layer::value_type, LayerTypes<Layer>::space> y_out) {
   assign(y_out, leaf(st.y_in()) + blk.mixer.readout(ShardTapes<Layer>::h_rows(st, 0, st.n()), st.maps(0, st.n())));
 }
 
@@ -260,116 +306,145 @@ void write_output(const Block<Layer>& blk, const Stretch<Layer>& st, TensorView<
 enum class DeltaMethod { exact, truncated, paper };
 
 // Per-shard parameter-gradient buffers for one block, summed in shard order afterwards.
-template <class T>
+template <class T, Space S = Space::Host>
 struct ShardGrads {
-  std::vector<std::vector<Tensor<T>>> g;  // [shard][parameter]
-  void reset(const ParameterList<T>& params, index_t shards) {
+  std::vector<std::vector<Tensor<T, S>>> g;  // [shard][parameter]
+  void reset(const ParameterList<T, S>& params, index_t shards) {
     if (index_t(g.size()) != shards) g.resize(std::size_t(shards));
     for (auto& row : g) {
       if (row.size() != params.size()) {
         row.clear();
-        for (auto* p : params) row.push_back(Tensor<T>(p->value.dims(), Tag::Gradients));
+        for (auto* p : params) row.push_back(Tensor<T, S>(p->value.dims(), Tag::Gradients));
       }
-      for (auto& t : row) fill<T>(t.view(), T(0));
+      for (auto& t : row) ssmx::detail::zero_bytes(t.data(), S, t.bytes());
     }
   }
-  void add_to(const ParameterList<T>& params) const {
+  void add_to(const ParameterList<T, S>& params) const {
     for (const auto& row : g)
       for (std::size_t i = 0; i < params.size(); ++i) accumulate(params[i]->grad.view(), row[i]);
   }
 };
 
-template <class T>
-GradTargets<T, Space::Host> param_targets(const ParameterList<T>& params, std::vector<Tensor<T>>& grads) {
-  GradTargets<T, Space::Host> tg;
+template <class T, Space S>
+GradTargets<T, S> param_targets(const ParameterList<T, S>& params, std::vector<Tensor<T, S>>& grads) {
+  GradTargets<T, S> tg;
   for (std::size_t i = 0; i < params.size(); ++i) tg.push_back(wrt(params[i]->value, grads[i]));
   return tg;
 }
 
 // Options of one backward pass over a stretch.
-template <class T>
+template <class T, Space S = Space::Host>
 struct StretchBackward {
   DeltaMethod method = DeltaMethod::exact;
-  index_t shard = 64;                 // tokens per VJP shard
-  index_t window = 0;                 // T̄ for truncated/paper (0: none)
-  TensorView<const T> carry_in;       // exact: a^{end} ⊙ δ^{end} from the next stretch, [1, S]
-  TensorView<T> carry_out;            // a^0 ⊙ δ^0 for the stretch before, [1, S]
-  const Tensor<T>* q_next = nullptr;  // truncated: the next block's forward accumulation
-  Tensor<T>* q_out = nullptr;         // truncated: this block's, for the block before
-  TensorView<T> input_grad;           // where dL/dy_in accumulates, [n, d_model]
-  TensorView<T> halo_grad;            // where dL/d(halo rows of y_ext) accumulates, [halo, d_model]
+  index_t shard = 64;                    // tokens per VJP shard
+  index_t window = 0;                    // T̄ for truncated/paper (0: none)
+  TensorView<const T, S> carry_in;       // exact: a^{end} ⊙ δ^{end} from the next stretch, [1, S]
+  TensorView<T, S> carry_out;            // a^0 ⊙ δ^0 for the stretch before, [1, S]
+  const Tensor<T, S>* q_next = nullptr;  // truncated: the next block's forward accumulation
+  Tensor<T, S>* q_out = nullptr;         // truncated: this block's, for the block before
+  TensorView<T, S> input_grad;           // where dL/dy_in accumulates, [n, d_model]
+  TensorView<T, S> halo_grad;            // where dL/d(halo rows of y_ext) accumulates, [halo, d_model]
   bool adjoint_only = false;          // stop once carry_out is known: no gradient is written (the
                                       // carry summary of a sequence-sharded stretch, dist/)
 };
 
 namespace detail {
-template <class T>
-TensorView<const T> cview(const Tensor<T>& t) {
+template <class T, Space S>
+TensorView<const T, S> cview(const Tensor<T, S>& t) {
   return t.view();
 }
 
 // Truncated adjoint on one block of length L = window (DESIGN §1.3), O(L·S):
-// δ^i = r^i + φ^i ⊙ q_next[i-1], with r the in-block reverse scan, φ^i = Π_{j=i+1..end} a^j
-// and q_next[m] = Σ_{t=s'}^{s'+m} (Π_{j=s'..t} a^j) g^t accumulated over the next block.
-template <class T>
-void truncated_delta(TensorView<const T> a, TensorView<const T> gh, TensorView<T> delta, const Tensor<T>* q_next,
-                     Tensor<T>* q_out) {
-  const index_t n = a.extent(1), S = a.extent(2);
-  reverse_linear_scan<T, Space::Host>(a, gh, delta);
-  // Constant sequences as broadcast views of one row (time stride 0): no block-sized buffers.
-  Tensor<T> consts(Dims{2, S}, Tag::Workspace);
-  std::fill(consts.data(), consts.data() + S, T(0));
-  std::fill(consts.data() + S, consts.data() + 2 * S, T(1));
-  const TensorView<const T> zero_seq(consts.data(), Dims{1, n, S}, {0, 0, 1, 0});
-  const TensorView<const T> one_seq(consts.data() + S, Dims{1, n, S}, {0, 0, 1, 0});
-  const TensorView<const T> ones(consts.data() + S, Dims{1, S});
+// δ^i = r^i + φ^i ⊙ q_next[min(i-1, L'-1)], with r the in-block reverse scan,
+// φ^i = Π_{j=i+1..end} a^j and q_next[m] = Σ_{t=s'}^{s'+m} (Π_{j=s'..t} a^j) g^t accumulated
+// over the next block (of length L').
+template <class T, Space S>
+void truncated_delta(TensorView<const T, S> a, TensorView<const T, S> gh, TensorView<T, S> delta,
+                     const Tensor<T, S>* q_next, Tensor<T, S>* q_out) {
+  using CV = TensorView<const T, S>;
+  const index_t n = a.extent(1), W = a.extent(2);
+  reverse_linear_scan<T, S>(a, gh, delta);
+  Tensor<T, S> consts(Dims{2, W}, Tag::Workspace);  // a row of zeros, a row of ones
+  fill<T>(consts.view().slice(0, 1), T(0));
+  fill<T>(consts.view().slice(1, 2), T(1));
+  const CV zero_seq = repeat_row<T, S>(consts.data(), n, W);
+  const CV one_seq = repeat_row<T, S>(consts.data() + W, n, W);
+  const CV ones(consts.data() + W, Dims{1, W});
   if (q_next && !q_next->empty() && n > 1) {
-    Tensor<T> phi(Dims{1, n, S}, Tag::Workspace);  // φ^i = Π_{j=i+1..end} a^j
-    reverse_linear_scan<T, Space::Host>(a, zero_seq, phi.view(), ones);
-    const index_t ln = q_next->extent(1);
-    for (index_t i = 1; i < n; ++i) {
-      const T* q = q_next->data() + std::min(i - 1, ln - 1) * S;
-      const T* p = phi.data() + i * S;
-      T* d = delta.data() + i * S;
-      for (index_t c = 0; c < S; ++c) d[c] += p[c] * q[c];
-    }
+    Tensor<T, S> phi(Dims{1, n, W}, Tag::Workspace);  // φ^i = Π_{j=i+1..end} a^j
+    reverse_linear_scan<T, S>(a, zero_seq, phi.view(), ones);
+    const CV q = q_next->view(), p = phi.view();
+    const index_t ln = q.extent(1), i1 = std::min(n, ln + 1);
+    // i in [1, i1): q_next[i - 1]; i in [i1, n): its last row.
+    accumulate(delta.slice(1, 1, i1), leaf(p.slice(1, 1, i1)) * leaf(q.slice(1, 0, i1 - 1)));
+    if (i1 < n)
+      accumulate(delta.slice(1, i1, n),
+                 leaf(p.slice(1, i1, n)) * leaf(repeat_row<T, S>(q.data() + (ln - 1) * W, n - i1, W)));
   }
   if (q_out) {
-    *q_out = Tensor<T>(Dims{1, n, S}, Tag::Workspace);
-    linear_scan<T, Space::Host>(a, zero_seq, q_out->view(), ones);  // Π_{j=s..t} a^j
+    *q_out = Tensor<T, S>(Dims{1, n, W}, Tag::Workspace);
+    linear_scan<T, S>(a, zero_seq, q_out->view(), ones);  // Π_{j=s..t} a^j
     assign(q_out->view(), leaf(*q_out) * leaf(gh));
-    linear_scan<T, Space::Host>(one_seq, cview(*q_out), q_out->view());  // running sum, in place
+    linear_scan<T, S>(one_seq, cview(*q_out), q_out->view());  // running sum, in place
   }
 }
 
 // The paper's double sum, literally: δ^i = Σ_{t=i}^{i+T̄-1} (Π_{j=i+1..t} a^j) ⊙ gh^t.
-// O(T·T̄·S) work (O(T²·S) without a window).
+// O(T·T̄·S) work (O(T²·S) without a window). Two schedules of the same sums, with the same
+// products and the terms of δ^i added in increasing t, hence the same numbers:
+//   by distance (any space; the GPU's): one pass per d, v_d^i = a^{i+1} ⊙ v_{d-1}^{i+1}
+//     (v_0 = gh), δ += v_d; each pass is one kernel;
+//   by token (the host's): blocks of 64 channels on threads, each token's term carried down.
+template <class T, Space S>
+void paper_delta_by_distance(TensorView<const T, S> a, TensorView<const T, S> gh, TensorView<T, S> delta,
+                             index_t window) {
+  const index_t n = a.extent(1);
+  const index_t w = window > 0 ? std::min(window, n) : n;
+  copy<T>(delta, gh);
+  Tensor<T, S> v[2] = {Tensor<T, S>(gh.dims(), Tag::Workspace), Tensor<T, S>(gh.dims(), Tag::Workspace)};
+  copy<T>(v[0].view(), gh);
+  for (index_t d = 1; d < w; ++d) {
+    TensorView<const T, S> prev = v[(d - 1) % 2].view();
+    TensorView<T, S> cur = v[d % 2].view().slice(1, 0, n - d);
+    assign(cur, leaf(a.slice(1, 1, n - d + 1)) * leaf(prev.slice(1, 1, n - d + 1)));
+    accumulate(delta.slice(1, 0, n - d), leaf(TensorView<const T, S>(cur)));
+  }
+}
+
 template <class T>
-void paper_delta(TensorView<const T> a, TensorView<const T> gh, TensorView<T> delta, index_t window) {
-  const index_t n = a.extent(1), S = a.extent(2);
+void paper_delta_by_token(TensorView<const T> a, TensorView<const T> gh, TensorView<T> delta, index_t window) {
+  const index_t n = a.extent(1), W = a.extent(2);
   const index_t w = window > 0 ? window : n;
   fill<T>(delta, T(0));
 #if defined(_OPENMP)
 #pragma omp parallel
 #endif
   {
-    std::vector<T> v(std::size_t(S > 0 ? S : 1));
+    std::vector<T> v(std::size_t(W > 0 ? W : 1));
 #if defined(_OPENMP)
 #pragma omp for schedule(static)
 #endif
-    for (index_t c0 = 0; c0 < S; c0 += 64) {
-      const index_t c1 = std::min(S, c0 + 64);
+    for (index_t c0 = 0; c0 < W; c0 += 64) {
+      const index_t c1 = std::min(W, c0 + 64);
       for (index_t t = 0; t < n; ++t) {
-        for (index_t c = c0; c < c1; ++c) v[std::size_t(c)] = gh.data()[t * S + c];
+        for (index_t c = c0; c < c1; ++c) v[std::size_t(c)] = gh.data()[t * W + c];
         const index_t lo = std::max<index_t>(0, t - w + 1);
         for (index_t i = t; i >= lo; --i) {
-          for (index_t c = c0; c < c1; ++c) delta.data()[i * S + c] += v[std::size_t(c)];
+          for (index_t c = c0; c < c1; ++c) delta.data()[i * W + c] += v[std::size_t(c)];
           if (i > lo)
-            for (index_t c = c0; c < c1; ++c) v[std::size_t(c)] *= a.data()[i * S + c];
+            for (index_t c = c0; c < c1; ++c) v[std::size_t(c)] *= a.data()[i * W + c];
         }
       }
     }
   }
+}
+
+template <class T, Space S>
+void paper_delta(TensorView<const T, S> a, TensorView<const T, S> gh, TensorView<T, S> delta, index_t window) {
+  if constexpr (S == Space::Host)
+    paper_delta_by_token<T>(a, gh, delta, window);
+  else
+    paper_delta_by_distance<T, S>(a, gh, delta, window);
 }
 }  // namespace detail
 
@@ -379,32 +454,39 @@ void paper_delta(TensorView<const T> a, TensorView<const T> gh, TensorView<T> de
 // each parameter's grad; dL/dy_in is added to opt.input_grad and, for a layer with a halo,
 // dL/d(halo rows) to opt.halo_grad.
 template <class Layer>
-void backward_stretch(Block<Layer>& blk, const Stretch<Layer>& st, TensorView<const typename Layer::value_type> G,
-                      StretchBackward<typename Layer::value_type>& opt, ShardGrads<typename Layer::value_type>& sg,
+void backward_stretch(Block<Layer>& blk, const Stretch<Layer>& st, typename LayerTypes<Layer>::CV G,
+                      StretchBackward<typename Layer::value_type, LayerTypes<Layer>::space>& opt,
+                      ShardGrads<typename Layer::value_type, LayerTypes<Layer>::space>& sg,
                       std::vector<ShardTapes<Layer>>* kept_tapes = nullptr) {
   using T = typename Layer::value_type;
-  using CV = TensorView<const T>;
   using Ty = LayerTypes<Layer>;
+  using CV = typename Ty::CV;
+  using Tens = typename Ty::Tens;
+  constexpr Space space = Ty::space;
+  // Host: shards on OpenMP threads. Device: one after another on the stream (every
+  // allocation and kernel is ordered on the calling thread's stream).
+  constexpr bool threads = space == Space::Host;
+  (void)threads;
   constexpr index_t halo = Ty::halo;
   constexpr std::size_t NF = Ty::num_features;
   const Dims sd = Layer::state_dims();
   const index_t n = st.n(), S = state_numel(sd), P = Layer::d_model;
-  const ParameterList<T> params = blk.parameters();
+  const ParameterList<T, space> params = blk.parameters();
   const index_t shard = kept_tapes ? n : std::max<index_t>(1, std::min(opt.shard, n));
   const index_t nshards = (n + shard - 1) / shard;
   sg.reset(params, nshards);
 
   CV h_all = st.h.view();
   CV h3 = h_all.reshape(with_tokens(n, sd));
-  Tensor<T> gh = zeros<T>(Dims{1, n, S}, Tag::Workspace);  // dL/dh, direct part
-  TensorView<T> gh3 = gh.view().reshape(with_tokens(n, sd));
+  Tens gh = zeros<T, space>(Dims{1, n, S}, Tag::Workspace);  // dL/dh, direct part
+  TensorView<T, space> gh3 = gh.view().reshape(with_tokens(n, sd));
   // dL/d(maps' input): U's token rows, or each feature.
-  std::array<Tensor<T>, NF == 0 ? 1 : NF> dmaps;
+  std::array<Tens, NF == 0 ? 1 : NF> dmaps;
   if constexpr (NF == 0)
-    dmaps[0] = zeros<T>(Dims{n, P}, Tag::Workspace);
+    dmaps[0] = zeros<T, space>(Dims{n, P}, Tag::Workspace);
   else
-    for (std::size_t i = 0; i < NF; ++i) dmaps[i] = zeros<T>(st.f[i].dims(), Tag::Workspace);
-  auto map_targets = [&](GradTargets<T, Space::Host>& tg, index_t s0, index_t s1) {
+    for (std::size_t i = 0; i < NF; ++i) dmaps[i] = zeros<T, space>(st.f[i].dims(), Tag::Workspace);
+  auto map_targets = [&](GradTargets<T, space>& tg, index_t s0, index_t s1) {
     const auto m = st.maps(s0, s1);
     if constexpr (NF == 0)
       tg.push_back(wrt(m, dmaps[0].view().slice(s0, s1)));
@@ -421,7 +503,7 @@ void backward_stretch(Block<Layer>& blk, const Stretch<Layer>& st, TensorView<co
 
   // Phase 1: readout VJPs, shard-parallel.
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(static) if (nshards > 1)
+#pragma omp parallel for schedule(static) if (threads && nshards > 1)
 #endif
   for (index_t s = 0; s < nshards; ++s) {
     const index_t s0 = s * shard, s1 = std::min(n, s0 + shard);
@@ -433,17 +515,17 @@ void backward_stretch(Block<Layer>& blk, const Stretch<Layer>& st, TensorView<co
   }
 
   // The adjoint state.
-  Tensor<T> delta(Dims{1, n, S}, Tag::Workspace);
+  Tens delta(Dims{1, n, S}, Tag::Workspace);
   CV a = st.a.view();
   switch (opt.method) {
     case DeltaMethod::exact:
-      reverse_linear_scan<T, Space::Host>(a, detail::cview(gh), delta.view(), opt.carry_in);
+      reverse_linear_scan<T, space>(a, detail::cview(gh), delta.view(), opt.carry_in);
       break;
     case DeltaMethod::truncated:
-      detail::truncated_delta<T>(a, detail::cview(gh), delta.view(), opt.q_next, opt.q_out);
+      detail::truncated_delta<T, space>(a, detail::cview(gh), delta.view(), opt.q_next, opt.q_out);
       break;
     case DeltaMethod::paper:
-      detail::paper_delta<T>(a, detail::cview(gh), delta.view(), opt.window);
+      detail::paper_delta<T, space>(a, detail::cview(gh), delta.view(), opt.window);
       break;
   }
   if (opt.carry_out.data())
@@ -453,30 +535,30 @@ void backward_stretch(Block<Layer>& blk, const Stretch<Layer>& st, TensorView<co
   // Phase 2: decay and inject VJPs, shard-parallel.
   CV delta3 = CV(delta.view()).reshape(with_tokens(n, sd));
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(static) if (nshards > 1)
+#pragma omp parallel for schedule(static) if (threads && nshards > 1)
 #endif
   for (index_t s = 0; s < nshards; ++s) {
     const index_t s0 = s * shard, s1 = std::min(n, s0 + shard), ns = s1 - s0;
     CV ds = delta3.slice(s0, s1);
     auto& grads = sg.g[std::size_t(s)];
     // h^{t-1} for the shard's tokens: the stretch's h0 before its first token.
-    Tensor<T> hprev_first;
+    Tens hprev_first;
     CV hprev;
     if (s0 > 0) {
       hprev = h3.slice(s0 - 1, s1 - 1);
     } else {
-      hprev_first = Tensor<T>(with_tokens(ns, sd), Tag::Workspace);
-      std::copy(st.h0.data(), st.h0.data() + S, hprev_first.data());
-      if (ns > 1) std::copy(h_all.data(), h_all.data() + (ns - 1) * S, hprev_first.data() + S);
+      hprev_first = Tens(with_tokens(ns, sd), Tag::Workspace);
+      TensorView<T, space> rows = hprev_first.view().reshape(Dims{ns, S});
+      copy<T>(rows.slice(0, 1), CV(st.h0.view()));
+      if (ns > 1) copy<T>(rows.slice(1, ns), h_all.reshape(Dims{n, S}).slice(0, ns - 1));
       hprev = hprev_first.view();
     }
     const auto maps = st.maps(s0, s1);
     auto decay_e = blk.mixer.decay(maps);
-    Tensor<T> da_full = eval(leaf(ds) * leaf(hprev), Tag::Workspace);  // dL/da = δ ⊙ h^{t-1}
-    if (st.resets.any())  // a^t = 0 at a document start: no gradient reaches the decay map there
-      for (index_t t = 0; t < ns; ++t)
-        if (st.resets.starts[s0 + t]) std::fill(da_full.data() + t * S, da_full.data() + (t + 1) * S, T(0));
-    Tensor<T> da = autodiff::reduce_to(CV(da_full.view()), decay_e.dims());
+    Tens da_full = eval(leaf(ds) * leaf(hprev), Tag::Workspace);  // dL/da = δ ⊙ h^{t-1}
+    // a^t = 0 at a document start: no gradient reaches the decay map there.
+    detail::zero_rows_at_starts(da_full.view().reshape(Dims{1, ns, S}), st.resets.offset(s0));
+    Tens da = autodiff::reduce_to(CV(da_full.view()), decay_e.dims());
     auto tg = param_targets(params, grads);
     map_targets(tg, s0, s1);
     backward(decay_e, tapes[std::size_t(s)].decay, CV(da.view()), tg);
@@ -485,19 +567,19 @@ void backward_stretch(Block<Layer>& blk, const Stretch<Layer>& st, TensorView<co
 
   // Phase 3: the features' VJPs down to U (halo rows included). Shards' windows overlap,
   // so each shard writes its own buffer; they are summed in shard order.
-  Tensor<T> du_ext;  // dL/dU for the halo + n rows of st.u
+  Tens du_ext;  // dL/dU for the halo + n rows of st.u
   if constexpr (NF == 0) {
     du_ext = std::move(dmaps[0]);
   } else {
-    du_ext = zeros<T>(Dims{halo + n, P}, Tag::Workspace);
-    std::vector<Tensor<T>> du_shard(static_cast<std::size_t>(nshards));
+    du_ext = zeros<T, space>(Dims{halo + n, P}, Tag::Workspace);
+    std::vector<Tens> du_shard(static_cast<std::size_t>(nshards));
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(static) if (nshards > 1)
+#pragma omp parallel for schedule(static) if (threads && nshards > 1)
 #endif
     for (index_t s = 0; s < nshards; ++s) {
       const index_t s0 = s * shard, s1 = std::min(n, s0 + shard);
-      Tensor<T>& du = du_shard[std::size_t(s)];
-      du = zeros<T>(Dims{halo + s1 - s0, P}, Tag::Workspace);
+      Tens& du = du_shard[std::size_t(s)];
+      du = zeros<T, space>(Dims{halo + s1 - s0, P}, Tag::Workspace);
       CV us = ShardTapes<Layer>::u_rows(st, s0, s1);
       auto fe = blk.mixer.features(us, st.mask_cols(s0, s1));
       auto tg = param_targets(params, sg.g[std::size_t(s)]);
@@ -517,13 +599,13 @@ void backward_stretch(Block<Layer>& blk, const Stretch<Layer>& st, TensorView<co
 
   // Phase 4: through the norm to the layer input, shard-parallel.
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(static) if (nshards > 1)
+#pragma omp parallel for schedule(static) if (threads && nshards > 1)
 #endif
   for (index_t s = 0; s < nshards; ++s) {
     const index_t s0 = s * shard, s1 = std::min(n, s0 + shard);
     CV ys = st.y_in().slice(s0, s1);
-    GradTargets<T, Space::Host> ntg{wrt(blk.norm.weight.value, sg.g[std::size_t(s)][0]),
-                                    wrt(ys, opt.input_grad.slice(s0, s1))};
+    GradTargets<T, space> ntg{wrt(blk.norm.weight.value, sg.g[std::size_t(s)][0]),
+                              wrt(ys, opt.input_grad.slice(s0, s1))};
     backward(rms_norm(ys, blk.norm.weight.value, blk.norm.eps), tapes[std::size_t(s)].norm,
              CV(du_ext.view()).slice(halo + s0, halo + s1), ntg);
   }
@@ -532,7 +614,7 @@ void backward_stretch(Block<Layer>& blk, const Stretch<Layer>& st, TensorView<co
     CV yh = st.y_ext.slice(0, halo);
     auto ne = rms_norm(yh, blk.norm.weight.value, blk.norm.eps);
     Tape<decltype(ne)> tape(ne);
-    GradTargets<T, Space::Host> ntg{wrt(blk.norm.weight.value, sg.g[0][0]), wrt(yh, opt.halo_grad)};
+    GradTargets<T, space> ntg{wrt(blk.norm.weight.value, sg.g[0][0]), wrt(yh, opt.halo_grad)};
     backward(ne, tape, CV(du_ext.view()).slice(0, halo), ntg);
   }
   sg.add_to(params);

@@ -11,60 +11,53 @@
 
 #include "../core/dtype.hpp"
 #include "../core/tensor.hpp"
+#include "../expr/expr.hpp"
 
 namespace ssmx::nn {
 
-template <class T>
+template <class T, Space S = Space::Host>
 class StoredStream {
  public:
-  using CV = TensorView<const T>;
+  using CV = TensorView<const T, S>;
   StoredStream() = default;
   // Zeros, [rows, width].
   StoredStream(index_t rows, index_t width, bool bf16_storage) : bf16_(bf16_storage) {
-    if (bf16_) {
-      half_ = Tensor<bf16>(Dims{rows, width}, Tag::Activations);
-      std::fill_n(half_.data(), half_.numel(), bf16(0.0f));
-    } else {
-      full_ = zeros<T>(Dims{rows, width}, Tag::Activations);
-    }
+    if (bf16_)
+      half_ = zeros<bf16, S>(Dims{rows, width}, Tag::Activations);  // bf16 zero is all-zero bits
+    else
+      full_ = zeros<T, S>(Dims{rows, width}, Tag::Activations);
   }
   bool empty() const { return bf16_ ? half_.empty() : full_.empty(); }
   void clear() { *this = StoredStream(); }
 
   // Rows [r0, r1): a view of the storage, or (bfloat16) their values converted into `buf`,
   // which must outlive the view.
-  CV read(index_t r0, index_t r1, Tensor<T>& buf) const {
+  CV read(index_t r0, index_t r1, Tensor<T, S>& buf) const {
     if (!bf16_) return CV(full_.view()).slice(r0, r1);
-    const index_t w = half_.extent(1);
-    buf = Tensor<T>(Dims{r1 - r0, w}, Tag::Workspace);  // one stretch's rows, converted
-    const bf16* src = half_.data() + r0 * w;
-    T* dst = buf.data();
-    for (index_t i = 0, n = (r1 - r0) * w; i < n; ++i) dst[i] = T(float(src[i]));
+    buf = Tensor<T, S>(Dims{r1 - r0, half_.extent(1)}, Tag::Workspace);  // one stretch's rows, converted
+    assign(buf.view(), leaf(TensorView<const bf16, S>(half_.view()).slice(r0, r1)));
     return buf.view();
   }
-  // Rows [r0, r1) through f(TensorView<T>): written in place, or (bfloat16) into a buffer
-  // that is then stored, rounded.
+  // Rows [r0, r1) through f(TensorView<T, S>): written in place, or (bfloat16) into a buffer
+  // that is then stored, rounded (through float, once).
   template <class F>
   void write(index_t r0, index_t r1, F&& f) {
     if (!bf16_) {
       f(full_.view().slice(r0, r1));
       return;
     }
-    const index_t w = half_.extent(1);
-    Tensor<T> buf = zeros<T>(Dims{r1 - r0, w}, Tag::Workspace);
+    Tensor<T, S> buf = zeros<T, S>(Dims{r1 - r0, half_.extent(1)}, Tag::Workspace);
     f(buf.view());
-    bf16* dst = half_.data() + r0 * w;
-    const T* src = buf.data();
-    for (index_t i = 0, n = (r1 - r0) * w; i < n; ++i) dst[i] = bf16(float(src[i]));
+    assign(half_.view().slice(r0, r1), leaf(buf));  // bf16(float(x)), as bf16 converts
   }
   void write(index_t r0, CV values) {
-    write(r0, r0 + values.extent(0), [&](TensorView<T> v) { std::copy_n(values.data(), values.numel(), v.data()); });
+    write(r0, r0 + values.extent(0), [&](TensorView<T, S> v) { copy<T>(v, values); });
   }
 
  private:
   bool bf16_ = false;
-  Tensor<T> full_;
-  Tensor<bf16> half_;
+  Tensor<T, S> full_;
+  Tensor<bf16, S> half_;
 };
 
 }  // namespace ssmx::nn

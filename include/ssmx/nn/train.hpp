@@ -20,14 +20,14 @@ struct TrainStepResult : StepResult {
 // optimiser. Returns the norm before clipping. Clipping and the optimiser throw on a
 // non-finite gradient before anything changes.
 // Gradients of the summed loss over `tokens` target tokens become those of the mean loss.
-template <class T>
-void scale_to_mean_loss(const ParameterList<T>& params, index_t tokens) {
+template <class T, Space S>
+void scale_to_mean_loss(const ParameterList<T, S>& params, index_t tokens) {
   const T scale = T(1.0 / double(tokens));
   for (auto* p : params) assign(p->grad.view(), leaf(p->grad) * scale);
 }
 
-template <class T, class Optimizer>
-double mean_loss_update(const ParameterList<T>& params, Optimizer& opt, index_t tokens, const StepOptions& so) {
+template <class T, Space S, class Optimizer>
+double mean_loss_update(const ParameterList<T, S>& params, Optimizer& opt, index_t tokens, const StepOptions& so) {
   scale_to_mean_loss(params, tokens);
   const double norm =
       so.clip_norm > 0 ? double(clip_grad_norm(params, T(so.clip_norm))) : double(global_grad_norm(params));
@@ -42,7 +42,7 @@ double mean_loss_update(const ParameterList<T>& params, Optimizer& opt, index_t 
 // and the optimiser state are left as they were.
 template <class Model, class Optimizer, class Strategy = Adjoint>
 TrainStepResult train_step(Model& model, Optimizer& opt, const Batch& batch, const Strategy& strategy = {},
-                           const StepOptions& so = {}, LayerStates<typename Model::T>* states = nullptr) {
+                           const StepOptions& so = {}, LayerStates<typename Model::T, Model::space>* states = nullptr) {
   model.zero_grad();
   TrainStepResult r;
   static_cast<StepResult&>(r) = model.forward_backward(batch, strategy, states);
