@@ -177,27 +177,48 @@ class Model(nn.Module):
 
 def bench(args):
     torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
     out = open(args.out, "w") if args.out else None
-    model = Model(args.P, args.N, args.K, args.vocab, torch.float32, args.chunk).init_(args.seed)
+    model = Model(args.P, args.N, args.K, args.vocab, torch.float32, args.chunk).init_(args.seed).to(dev)
+    step = torch.compile(model) if args.compile else model
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(dev)
+
     for T in args.T:
         x, tgt = tokens(T, args.vocab)
+        x, tgt = x.to(dev), tgt.to(dev)
         best = math.inf
         loss = None
-        for _ in range(args.warmup + args.repeats):
-            model.zero_grad(set_to_none=True)
-            t0 = time.perf_counter()
-            loss = model(x, tgt)
-            loss.backward()
-            dt = time.perf_counter() - t0
-            best = min(best, dt)
-        best_run = best
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(dev)
+        try:
+            for _ in range(args.warmup + args.repeats):
+                model.zero_grad(set_to_none=True)
+                sync()
+                t0 = time.perf_counter()
+                loss = step(x, tgt)
+                loss.backward()
+                sync()
+                best = min(best, time.perf_counter() - t0)
+        except torch.cuda.OutOfMemoryError:
+            line = {"name": "pytorch_throughput", "kind": "oom", "T": T, "device": str(dev), "compile": args.compile}
+            print(json.dumps(line), flush=True)
+            if out:
+                out.write(json.dumps(line) + "\n")
+            break
         line = {
             "name": "pytorch_throughput", "T": T, "batch": 1, "P": args.P, "N": args.N, "K": args.K,
             "vocab": args.vocab, "dtype": "float32", "scan_chunk": args.chunk, "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "seconds": best_run, "tokens_per_s": T / best_run,
-            "us_per_token": 1e6 * best_run / T, "loss": float(loss),
+            "torch": torch.__version__, "device": torch.cuda.get_device_name(dev) if cuda else "cpu",
+            "compile": args.compile, "seconds": best, "tokens_per_s": T / best,
+            "us_per_token": 1e6 * best / T, "loss": float(loss),
             "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         }
+        if cuda:
+            line["peak_device_bytes"] = torch.cuda.max_memory_allocated(dev)
         s = json.dumps(line)
         print(s, flush=True)
         if out:
@@ -226,6 +247,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2, help="timed steps per T; the fastest is reported")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU benchmark (benchmarks/run_gpu.sh)")
+    p.add_argument("--compile", action="store_true", help="time torch.compile(model) instead of eager")
     p.add_argument("--out")
     bench(p.parse_args(argv))
 
