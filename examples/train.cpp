@@ -633,8 +633,9 @@ int main(int argc, char** argv) {
   std::optional<Group> group;  // MPI, when --dist asks for it
   try {
     if (cfg.device == "cuda")
-      throw UsageError("--device cuda: the training engine runs on the host only in this version "
-                       "(the CUDA backend has no training path yet); use --device cpu");
+      throw UsageError("--device cuda: this trainer is built for the host (its checkpoints, data packing and MPI "
+                       "steps are host code); the model itself runs on the GPU as nn::Model<Layer, K, Space::Cuda>, "
+                       "as the main job's train_recall_cuda does. Use --device cpu");
 
 #if defined(_OPENMP)
     if (cfg.threads > 0) omp_set_num_threads(int(cfg.threads));
@@ -672,7 +673,7 @@ int main(int argc, char** argv) {
     group.emplace(scheme, &argc, &argv);
     cfg.ranks = group->size();
     if (group->root()) {
-      if (cfg.device == "auto") std::printf("device: cpu (auto: the training engine runs on the host)\n");
+      if (cfg.device == "auto") std::printf("device: cpu (auto: this trainer is built for the host)\n");
 #if !defined(_OPENMP)
       if (cfg.threads > 0) std::printf("note: --threads %ld ignored: this build has no OpenMP\n", long(cfg.threads));
 #endif

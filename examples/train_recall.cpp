@@ -7,7 +7,9 @@
 //
 // Prints one line per logged step and a final evaluation on fresh sequences against
 // chance, by distance between binding and answer. Model shapes are compile-time
-// (P = 64, N = 16, K = 2, float).
+// (P = 64, N = 16, K = 2, float). The same source, compiled by nvcc as train_recall_cuda
+// (train_recall.cu), trains with every tensor on the GPU; examples/run_main.sh picks it when
+// a GPU is visible.
 #include <CLI/CLI.hpp>
 
 #include <chrono>
@@ -15,12 +17,17 @@
 #include <deque>
 #include <ssmx/ssmx.hpp>
 
+#ifndef SSMX_RECALL_SPACE
+#define SSMX_RECALL_SPACE ::ssmx::Space::Host
+#endif
+
 using namespace ssmx;
 
 namespace {
 constexpr index_t P = 64, N = 16, K = 2;
+constexpr Space space = SSMX_RECALL_SPACE;  // where the model, its gradients and optimiser state live
 using Layer = nn::DiagonalSSM<float, P, N>;
-using LM = nn::Model<Layer, K>;
+using LM = nn::Model<Layer, K, space>;
 
 struct Options {
   index_t context = 8192, batch = 2, steps = 400, chunk = 256, log_every = 20, eval_sequences = 16;
@@ -112,15 +119,16 @@ int main(int argc, char** argv) {
   try {
     task.validate(o.context);
     LM model({task.vocab(), !o.untied, o.seed});
-    AdamW<float> opt(o.lr, 0.9, 0.99, 1e-8, 0.0);
+    AdamW<float, space> opt(o.lr, 0.9, 0.99, 1e-8, 0.0);
     WarmupCosine schedule(o.warmup >= 0 ? std::min(o.warmup, o.steps) : std::min<index_t>(20, o.steps / 10 + 1),
                           o.steps, o.lr, o.lr * o.min_lr);
     std::mt19937_64 rng(o.seed * 7919 + 1), eval_rng(o.seed * 104729 + 2);
     std::vector<nn::token_t> x(std::size_t(o.batch * o.context)), y(x.size());
 
-    std::printf("ssmx %s: DiagonalSSM P=%ld N=%ld K=%ld, %ld parameters, context %ld, batch %ld, Adjoint chunk %ld\n",
-                SSMX_VERSION_STRING, long(P), long(N), long(K), long(parameter_count(model.parameters())),
-                long(o.context), long(o.batch), long(o.chunk));
+    std::printf("ssmx %s on %s: DiagonalSSM P=%ld N=%ld K=%ld, %ld parameters, context %ld, batch %ld, Adjoint chunk "
+                "%ld\n",
+                SSMX_VERSION_STRING, space == Space::Host ? "the CPU" : "the GPU", long(P), long(N), long(K),
+                long(parameter_count(model.parameters())), long(o.context), long(o.batch), long(o.chunk));
     std::printf("task: key-value recall, %ld binding(s) of %ld keys to %ld values, %ld filler tokens, a query every %ld "
                 "tokens from %.0f%% of the sequence on, chance accuracy %.3f\n",
                 long(task.pairs), long(task.keys), long(task.values), long(task.filler), long(task.query_every),
@@ -152,7 +160,7 @@ int main(int argc, char** argv) {
       }
       for (index_t b = 0; b < o.batch; ++b) task.sample(rng, len, x.data() + b * len, y.data() + b * len);
       opt.set_lr(schedule.lr(step));
-      reset_peak(Space::Host);
+      reset_peak(space);
       auto r = nn::train_step(model, opt, nn::Batch{x.data(), y.data(), o.batch, len}, Adjoint{o.chunk, 64},
                               nn::StepOptions{o.clip});
       tokens_seen += o.batch * len;
@@ -169,7 +177,7 @@ int main(int argc, char** argv) {
         std::printf("step %5ld  context %6ld  loss %.4f  acc %.3f  grad_norm %.3f  %.0f tokens/s  peak %.1f MiB  %.0fs\n",
                     long(step + 1), long(len), window_loss / double(window_tokens),
                     double(window_correct) / double(window_tokens), r.grad_norm, double(tokens_seen) / t,
-                    double(memory_stats(Space::Host).peak) / (1 << 20), t);
+                    double(memory_stats(space).peak) / (1 << 20), t);
         std::fflush(stdout);
         window_loss = 0;
         window_tokens = window_correct = 0;
