@@ -18,8 +18,8 @@
 // buffers, summed afterwards in shard order. The result is bit-identical whatever the
 // number of threads.
 // One source for both memory spaces (the layer's `space`): on the host the shards run on
-// OpenMP threads and every expression is a loop; on the GPU the shards run one after
-// another on the stream and every expression, scan and product is a kernel, cuBLAS or CUB.
+// OpenMP threads and every expression is a loop; on the GPU a stretch is one shard, every
+// expression, scan and product a kernel, cuBLAS or CUB call on the calling thread's stream.
 // Private header: include <ssmx/nn/model.hpp>.
 #pragma once
 
@@ -336,7 +336,7 @@ GradTargets<T, S> param_targets(const ParameterList<T, S>& params, std::vector<T
 template <class T, Space S = Space::Host>
 struct StretchBackward {
   DeltaMethod method = DeltaMethod::exact;
-  index_t shard = 64;                    // tokens per VJP shard
+  index_t shard = 64;                    // tokens per VJP shard (host; on the GPU a stretch is one shard)
   index_t window = 0;                    // T̄ for truncated/paper (0: none)
   TensorView<const T, S> carry_in;       // exact: a^{end} ⊙ δ^{end} from the next stretch, [1, S]
   TensorView<T, S> carry_out;            // a^0 ⊙ δ^0 for the stretch before, [1, S]
@@ -463,16 +463,17 @@ void backward_stretch(Block<Layer>& blk, const Stretch<Layer>& st, typename Laye
   using CV = typename Ty::CV;
   using Tens = typename Ty::Tens;
   constexpr Space space = Ty::space;
-  // Host: shards on OpenMP threads. Device: one after another on the stream (every
-  // allocation and kernel is ordered on the calling thread's stream).
+  // Host: shards on OpenMP threads. Device: one shard, ordered on the calling thread's
+  // stream like every allocation and kernel.
   constexpr bool threads = space == Space::Host;
-  (void)threads;
   constexpr index_t halo = Ty::halo;
   constexpr std::size_t NF = Ty::num_features;
   const Dims sd = Layer::state_dims();
   const index_t n = st.n(), S = state_numel(sd), P = Layer::d_model;
   const ParameterList<T, space> params = blk.parameters();
-  const index_t shard = kept_tapes ? n : std::max<index_t>(1, std::min(opt.shard, n));
+  // On the device a stretch is one shard: the parallelism is inside every kernel, and
+  // shorter shards would only add launches (each shard's tapes are built up front anyway).
+  const index_t shard = kept_tapes || !threads ? n : std::max<index_t>(1, std::min(opt.shard, n));
   const index_t nshards = (n + shard - 1) / shard;
   sg.reset(params, nshards);
 
