@@ -141,6 +141,41 @@ TEST_CASE("expr: reductions over an axis and in full") {
 #endif
 }
 
+
+// Long axes with few outputs (a parameter gradient summed over tokens) take the device's
+// block reduction, short ones the per-output loop; both against a double loop.
+TEST_CASE("expr: reductions along long and short axes, first, middle and last") {
+  for (const Dims& d : {Dims{3, 1000, 5}, Dims{2000, 7}, Dims{5, 300}, Dims{2, 3, 70, 40}, Dims{4096, 1}}) {
+    Tensor<double> x = random_tensor(d, 11);
+    auto xs = test::to_space(x);
+    for (int axis = 0; axis < d.rank; ++axis) {
+      CAPTURE(d.str());
+      CAPTURE(axis);
+      const auto s = test::to_host(eval(sum(xs, axis)));
+      const auto m = test::to_host(eval(mean(xs, axis, true)));
+      const auto mx = test::to_host(eval(max(xs, axis)));
+      index_t outer = 1, inner = 1;
+      for (int i = 0; i < axis; ++i) outer *= d[i];
+      for (int i = axis + 1; i < d.rank; ++i) inner *= d[i];
+      const index_t L = d[axis];
+      REQUIRE(s.numel() == outer * inner);
+      for (index_t o = 0; o < outer; ++o)
+        for (index_t c = 0; c < inner; ++c) {
+          double want = 0, abs_sum = 0, big = -1e300;
+          for (index_t l = 0; l < L; ++l) {
+            const double v = x[(o * L + l) * inner + c];
+            want += v;
+            abs_sum += std::abs(v);
+            big = std::max(big, v);
+          }
+          const index_t k = o * inner + c;
+          CHECK(std::abs(s[k] - want) <= 1e-14 * abs_sum);
+          CHECK(std::abs(m[k] - want / double(L)) <= 1e-14 * abs_sum / double(L));
+          CHECK(mx[k] == big);
+        }
+    }
+  }
+}
 TEST_CASE("expr: matrix products, transposed operands, and their VJPs") {
   Tensor<double> a = random_tensor(Dims{5, 3}, 5), b = random_tensor(Dims{3, 4}, 6), c = random_tensor(Dims{4, 5}, 7);
   auto as = test::to_space(a), bs = test::to_space(b), cs = test::to_space(c);

@@ -22,7 +22,9 @@ template <class T, Space S, class E>
 void accumulate(TensorView<T, S> out, const E& e);
 
 namespace backend {
-// Per-space execution: run(out, evaluator, accumulate), gemm, reduce_all.
+// Per-space execution: run(out, evaluator, accumulate), gemm, reduce_all; the device adds
+// reduce_axis(x, axis, out) (x and out contiguous; the host reduces along an axis in the
+// evaluator's own loop).
 // Host: backend/cpu/exec.hpp. Cuda: backend/cuda/exec.cuh (via <ssmx/cuda.cuh>).
 template <Space S>
 struct Exec {
@@ -435,7 +437,17 @@ template <class Op, class E, Space S>
 TensorView<const typename E::value_type, S> Evaluator<Reduce<Op, E>, S>::compute(const Reduce<Op, E>& r,
                                                                                  EvalContext<S>& ctx) {
   Tensor<V, S>& t = ctx.template temp<V>(r.dims());
-  ssmx::assign(t.view(), ReduceLoop<Op, E>(r));
+  bool blocked = false;  // many threads per output
+  if constexpr (S != Space::Host) {
+    // Few outputs over a long axis (the parameter gradients summed over tokens) would leave
+    // the device nearly idle with one thread per output: a block reduction per output
+    // instead, over the materialised child. Many outputs (or short axes) keep the fused
+    // loop below, which never materialises the child.
+    const index_t L = r.child.dims()[r.axis], outputs = t.numel();
+    blocked = L >= 64 && outputs < 32768;
+    if (blocked) backend::Exec<S>::template reduce_axis<Op, V>(materialize(r.child, ctx), r.axis, t.view());
+  }
+  if (!blocked) ssmx::assign(t.view(), ReduceLoop<Op, E>(r));  // one sequential loop per output (the host's order)
   return t.view();
 }
 }  // namespace expr

@@ -1,11 +1,13 @@
 // ssmx — the CUDA executor: one grid-stride kernel per assignment (the evaluator is
-// passed by value), cuBLAS for matrix products, CUB for full reductions.
+// passed by value), cuBLAS for matrix products, CUB for full reductions and block
+// reductions along an axis.
 // Private header: include <ssmx/cuda.cuh>.
 #pragma once
 
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <cub/block/block_reduce.cuh>
 #include <cub/device/device_reduce.cuh>
 #include <cstddef>
 
@@ -87,6 +89,46 @@ template <class Op, class V>
 __global__ void finish(V* out, index_t n) {
   *out = Op::finish(*out, n);
 }
+
+// Reductions along one axis of a contiguous x viewed as [outer, L, inner] into [outer, inner].
+// Both combine in an order fixed by the shape alone: deterministic run to run.
+//
+// inner > 1: a block of 32 x 8 threads takes 32 neighbouring columns (coalesced loads);
+// row lane y combines rows y, y + 8, ... in order, then the 8 lanes are combined in order.
+template <class Op, class V>
+__global__ void reduce_columns(const V* x, V* out, index_t outer, index_t L, index_t inner) {
+  __shared__ V part[8][33];
+  const index_t tiles = (inner + 31) / 32;
+  for (index_t b = blockIdx.x; b < outer * tiles; b += gridDim.x) {
+    const index_t o = b / tiles, c = (b % tiles) * 32 + threadIdx.x;
+    V acc = Op::template init<V>();
+    if (c < inner)
+      for (index_t l = threadIdx.y; l < L; l += 8) acc = Op::combine(acc, x[(o * L + l) * inner + c]);
+    part[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < inner) {
+      V r = part[0][threadIdx.x];
+      for (int y = 1; y < 8; ++y) r = Op::combine(r, part[y][threadIdx.x]);
+      out[o * inner + c] = Op::finish(r, L);
+    }
+    __syncthreads();  // part is reused by the next tile
+  }
+}
+
+// inner == 1 (the last axis): a block per row, each thread combining a strided part of the
+// row in order, then cub::BlockReduce (a fixed tree for a fixed block size).
+template <class Op, class V, int Block>
+__global__ void reduce_rows(const V* x, V* out, index_t outer, index_t L) {
+  using Reduce = cub::BlockReduce<V, Block>;
+  __shared__ typename Reduce::TempStorage temp;
+  for (index_t o = blockIdx.x; o < outer; o += gridDim.x) {
+    V acc = Op::template init<V>();
+    for (index_t l = threadIdx.x; l < L; l += Block) acc = Op::combine(acc, x[o * L + l]);
+    const V r = Reduce(temp).Reduce(acc, CombineOp<Op>{});
+    if (threadIdx.x == 0) out[o] = Op::finish(r, L);
+    __syncthreads();  // temp is reused by the next row
+  }
+}
 }  // namespace kernels
 
 inline int grid_for(index_t n, int block) {
@@ -146,6 +188,31 @@ struct Exec<Space::Cuda> {
     else
       SSMX_CUBLAS_CHECK(cublasDgemm(gpu::cublas_handle(), opb, opa, n, m, k, &one, b.data(), ldb, a.data(), lda, &beta,
                                     c.data(), ldc > 0 ? ldc : 1));
+  }
+
+  // out = Op over `axis` of x; x and out contiguous, out holding x's extents without the axis.
+  template <class Op, class V>
+  static void reduce_axis(TensorView<const V, Space::Cuda> x, int axis, TensorView<V, Space::Cuda> out) {
+    SSMX_REQUIRE(x.is_contiguous() && out.is_contiguous(), ShapeError, "reduce_axis: operands must be contiguous");
+    index_t outer = 1, inner = 1;
+    for (int i = 0; i < axis; ++i) outer *= x.extent(i);
+    for (int i = axis + 1; i < x.rank(); ++i) inner *= x.extent(i);
+    const index_t L = x.extent(axis);
+    SSMX_REQUIRE(out.numel() == outer * inner, ShapeError, "reduce_axis: ", out.numel(), " outputs for ",
+                 x.dims().str(), " reduced along axis ", axis);
+    if (outer * inner == 0) return;
+    constexpr index_t cap = 65535LL * 8;
+    if (inner == 1) {
+      constexpr int block = 256;
+      const int grid = int(outer < cap ? outer : cap);
+      gpu::kernels::reduce_rows<Op, V, block><<<grid, block, 0, cudaStreamPerThread>>>(x.data(), out.data(), outer, L);
+    } else {
+      const index_t tiles = outer * ((inner + 31) / 32);
+      const int grid = int(tiles < cap ? tiles : cap);
+      gpu::kernels::reduce_columns<Op, V><<<grid, dim3(32, 8), 0, cudaStreamPerThread>>>(x.data(), out.data(), outer,
+                                                                                          L, inner);
+    }
+    SSMX_CUDA_CHECK_LAUNCH();
   }
 
   // out[0] = Op over all of x (contiguous) with cub::DeviceReduce (deterministic run to run).
