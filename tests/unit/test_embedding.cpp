@@ -326,3 +326,16 @@ TEST_CASE("embedding: count_correct on large random logits agrees with the host 
     CHECK(nn::count_correct(TensorView<const float, S>(d_wide.view().slice(1, 0, c.V)), targets.data()) == want);
   }
 }
+
+TEST_CASE("embedding: one_hot marks each target and leaves ignored rows zero") {
+  using namespace test_embedding;
+  const std::vector<token_t> targets = {2, -1, 0, 4, 4, -1, 1};
+  const index_t n = index_t(targets.size()), V = 5;
+  const auto oh = test::to_host(nn::one_hot<double, test::space>(targets.data(), n, V));
+  REQUIRE(oh.dims() == Dims{n, V});
+  for (index_t t = 0; t < n; ++t)
+    for (index_t v = 0; v < V; ++v) CHECK(oh(t, v) == (targets[std::size_t(t)] == token_t(v) ? 1.0 : 0.0));
+  const std::vector<token_t> bad = {1, 5};
+  CHECK(contains(message_of<ValueError>([&] { (void)nn::one_hot<float, test::space>(bad.data(), 2, V); }),
+                 "targets[1] = 5 is outside the vocabulary [0, 5)"));
+}

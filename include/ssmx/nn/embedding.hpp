@@ -74,6 +74,8 @@ namespace ssmx::backend {
 //   template <class T> static void scatter_add(const nn::token_t* ids, index_t n, index_t vocab,
 //                                              const T* g, index_t rs, index_t cs, T* table, index_t d);
 //       table[ids[t]] += g[t], each row summed in token order (bit-identical run to run)
+//   template <class T> static void one_hot(const nn::token_t* targets, index_t n, index_t V, T* out);
+//       out ([n, V], contiguous) = 1 at (t, targets[t]) for targets[t] >= 0, else 0
 //   template <class T> static index_t count_correct(const T* logits, index_t n, index_t V, index_t rs,
 //                                                   index_t cs, const nn::token_t* targets);
 //       rows t with targets[t] >= 0 whose first arg-max equals targets[t]
@@ -133,6 +135,16 @@ struct Embedding {
     backend::Rows<S>::scatter_add(ids, n, vocab(), g.data(), g.stride(0), g.stride(1), weight.grad.data(), d);
   }
 };
+
+// The [n, V] one-hot rows of targets (n host entries in [0, V), or -1: a row of zeros), built
+// where they are used: on the GPU from the n uploaded targets, not from n x V host values.
+template <class T, Space S>
+Tensor<T, S> one_hot(const token_t* targets, index_t n, index_t V, Tag tag = Tag::Workspace) {
+  check_tokens(targets, n, V, "targets", /*allow_ignore=*/true);
+  Tensor<T, S> out(Dims{n, V}, tag);
+  if (n > 0 && V > 0) backend::Rows<S>::one_hot(targets, n, V, out.data());
+  return out;
+}
 
 // The number of rows t of logits [n, V] with targets[t] >= 0 whose arg-max equals targets[t]
 // (targets: n host entries in [0, V), or -1 to ignore the row). The arg-max is the FIRST

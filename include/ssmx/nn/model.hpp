@@ -420,14 +420,9 @@ class Model {
   // given, writes dL/dy into it and adds the head's parameter gradients.
   StepResult head_loss(CV y, const token_t* targets, TensorView<T, Mem>* G) {
     const index_t n = y.extent(0), V = cfg_.vocab;
-    Tensor<T> onehot_host = zeros<T>(Dims{n, V}, Tag::Workspace);
     StepResult r;
-    for (index_t t = 0; t < n; ++t)
-      if (targets[t] >= 0) {
-        onehot_host(t, index_t(targets[t])) = T(1);
-        ++r.tokens;
-      }
-    const Tensor<T, Mem> onehot = to_space<Mem>(onehot_host);
+    for (index_t t = 0; t < n; ++t) r.tokens += targets[t] >= 0 ? 1 : 0;
+    const Tensor<T, Mem> onehot = one_hot<T, Mem>(targets, n, V);
     auto le = matmul(rms_norm(y, norm_f_.weight.value, norm_f_.eps), head_view());
     Tape<decltype(le)> ltape(le);
     CV logits = ltape.value();

@@ -40,6 +40,13 @@ struct Rows<Space::Host> {
   }
 
   template <class T>
+  static void one_hot(const nn::token_t* targets, index_t n, index_t V, T* out) {
+    std::fill_n(out, n * V, T(0));
+    for (index_t t = 0; t < n; ++t)
+      if (targets[t] >= 0) out[t * V + index_t(targets[t])] = T(1);
+  }
+
+  template <class T>
   static index_t count_correct(const T* logits, index_t n, index_t V, index_t rs, index_t cs,
                                const nn::token_t* targets) {
     index_t correct = 0;

@@ -76,6 +76,13 @@ SSMX_DEVICE ArgMax<V> load_candidate(const T* row, index_t v, index_t num_cols) 
 
 // ---- kernels --------------------------------------------------------------------------------
 
+// out[t, targets[t]] = 1 for targets[t] >= 0 (out zeroed before), one thread per row.
+template <class T>
+__global__ void set_ones(const nn::token_t* targets, index_t n, index_t V, T* out) {
+  for (index_t t = index_t(blockIdx.x) * blockDim.x + threadIdx.x; t < n; t += index_t(gridDim.x) * blockDim.x)
+    if (targets[t] >= 0) out[t * V + index_t(targets[t])] = T(1);
+}
+
 // out[t, j] = table[ids[t], j]; item = t * tiles + tile, one thread per column.
 template <class T>
 __global__ void gather_rows(const nn::token_t* ids, index_t n, const T* table, index_t d, T* out, index_t out_stride,
@@ -190,6 +197,17 @@ struct Rows<Space::Cuda> {
     Buffer<index_t> dev(plan.size(), Space::Cuda, Tag::Workspace);
     ssmx::detail::copy_bytes(dev.data(), Space::Cuda, plan.data(), Space::Host, plan.size() * sizeof(index_t));
     cuda_rows::dispatch_scatter_add(dev.data(), dev.data() + u, dev.data() + 2 * u + 1, u, g, rs, table, d);
+  }
+
+  template <class T>
+  static void one_hot(const nn::token_t* targets, index_t n, index_t V, T* out) {
+    ssmx::detail::zero_bytes(out, Space::Cuda, std::size_t(n * V) * sizeof(T));
+    Buffer<nn::token_t> dev(std::size_t(n), Space::Cuda, Tag::Workspace);
+    ssmx::detail::copy_bytes(dev.data(), Space::Cuda, targets, Space::Host, std::size_t(n) * sizeof(nn::token_t));
+    constexpr int block = 256;
+    cuda_rows::set_ones<T><<<cuda_rows::grid_for_items((n + block - 1) / block), block, 0, cudaStreamPerThread>>>(
+        dev.data(), n, V, out);
+    SSMX_CUDA_CHECK_LAUNCH();
   }
 
   template <class T>
