@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# The GPU benchmarks of benchmarks/RESULTS.md, in one run on one GPU (H100 or H200):
+# The GPU benchmarks of benchmarks/RESULTS.md, in one run on one GPU (H100 or H200), after
+# the GPU tests (ctest -L gpu: the unit tests on the device, and compute-sanitizer's memcheck
+# and racecheck where installed; their log is gpu_tests.log, a failure is reported and the
+# benchmarks still run):
 #   1. bench_scan_cuda       the scan kernels in bytes/s against a device-to-device copy
 #   2. bench_model_cuda      forward+backward tokens/s and peak device memory per strategy
 #                            against T (the benchmark model), then the largest T that trains
@@ -25,7 +28,11 @@ mkdir -p "$results"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv | tee "$results/device.csv"
 cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DSSMX_ENABLE_CUDA=ON -DSSMX_BUILD_EXAMPLES=OFF \
   -DSSMX_TEST_CONSUMERS=OFF -DSSMX_TEST_HEADERS=OFF > "$results/configure.log"
-cmake --build "$build" -j"$(nproc)" --target bench_scan_cuda bench_model_cuda > "$results/build.log"
+cmake --build "$build" -j"$(nproc)" --target ssmx_tests_cuda bench_scan_cuda bench_model_cuda > "$results/build.log"
+
+ctest --test-dir "$build" -L gpu --output-on-failure > "$results/gpu_tests.log" 2>&1 ||
+  echo "GPU TESTS FAILED: see $results/gpu_tests.log" | tee "$results/gpu_tests.failed"
+tail -n 3 "$results/gpu_tests.log"
 
 "$build/benchmarks/bench_scan_cuda" --benchmark_format=json --benchmark_out="$results/scan_cuda.json" \
   --benchmark_out_format=json > /dev/null
