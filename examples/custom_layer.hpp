@@ -5,23 +5,25 @@
 
 #include <ssmx/ssmx.hpp>
 
-template <class T, ssmx::index_t P, ssmx::index_t N>
+template <class T, ssmx::index_t P, ssmx::index_t N, ssmx::Space S = ssmx::Space::Host>
 struct GatedSSM {
   using value_type = T;
+  static constexpr ssmx::Space space = S;  // where its parameters live
+  template <ssmx::Space S2>
+  using on = GatedSSM<T, P, N, S2>;  // the same layer in another space: Model<GatedSSM<...>, K, Space::Cuda>
   static constexpr ssmx::index_t d_model = P;
-  ssmx::Parameter<T> W_a, b_a, W_b, W_c, W_g;
+  ssmx::Parameter<T, S> W_a, b_a, W_b, W_c, W_g;
 
   explicit GatedSSM(const std::string& prefix = "")
       : W_a(prefix + "W_a", {P, N}), b_a(prefix + "b_a", {N}), W_b(prefix + "W_b", {P, N}),
         W_c(prefix + "W_c", {P, N}), W_g(prefix + "W_g", {P, P}) {}
   static ssmx::Dims state_dims() { return {P, N}; }
-  ssmx::ParameterList<T> parameters() { return {&W_a, &b_a, &W_b, &W_c, &W_g}; }
+  ssmx::ParameterList<T, S> parameters() { return {&W_a, &b_a, &W_b, &W_c, &W_g}; }
   template <class Rng>
   void init(Rng& rng) {
     std::normal_distribution<double> nd(0.0, 1.0 / std::sqrt(double(P)));
-    for (auto* p : parameters())
-      for (ssmx::index_t i = 0; i < p->numel(); ++i) p->value[i] = T(nd(rng));
-    ssmx::fill<T>(b_a.value.view(), T(3));  // decay ≈ 0.95 at the start
+    for (auto* p : parameters()) ssmx::set_values(*p, [&](ssmx::index_t) { return nd(rng); });  // drawn on the host
+    ssmx::set_values(b_a, [](ssmx::index_t) { return 3.0; });  // decay ≈ 0.95 at the start
   }
 
   template <class U>

@@ -7,6 +7,8 @@
 #include <ssmx/nn/model.hpp>
 #include <ssmx/nn/train.hpp>
 
+#include "../../examples/custom_layer.hpp"  // a user-written layer moves to the GPU as well
+
 namespace test_model_space {
 using namespace ssmx;
 using nn::token_t;
@@ -14,6 +16,7 @@ using test::space;
 
 using Diagonal = nn::DiagonalSSM<double, 8, 4>;
 using MambaSmall = nn::Mamba<double, 8, 4, 2, 4, 2>;  // a convolution window of 4: a halo of 3 rows
+using Gated = GatedSSM<double, 8, 3>;                 // examples/custom_layer.hpp
 constexpr index_t vocab = 11;
 
 // Tokens, next-token targets with a few ignored positions, and packed-document starts.
@@ -77,7 +80,7 @@ nn::LayerStates<double, S> states_in(const std::vector<Tensor<double>>& h, const
 
 using namespace test_model_space;
 
-TEST_CASE_TEMPLATE("model space: every strategy agrees on this backend", Layer, Diagonal, MambaSmall) {
+TEST_CASE_TEMPLATE("model space: every strategy agrees on this backend", Layer, Diagonal, MambaSmall, Gated) {
   LM<Layer, space> m(config());
   const Data d(2, 23, true);
   double l_ref = 0, l = 0;
@@ -96,7 +99,7 @@ TEST_CASE_TEMPLATE("model space: every strategy agrees on this backend", Layer, 
   CHECK(test::max_rel_err(grads_of(m, d.batch, PaperAdjoint{0}, l), ref) > 1e-3);  // inexact for K = 2, as it must be
 }
 
-TEST_CASE_TEMPLATE("model space: this backend matches the host model", Layer, Diagonal, MambaSmall) {
+TEST_CASE_TEMPLATE("model space: this backend matches the host model", Layer, Diagonal, MambaSmall, Gated) {
   for (bool bf16 : {false, true}) {
     CAPTURE(bf16);
     LM<Layer, Space::Host> host(config(bf16));
