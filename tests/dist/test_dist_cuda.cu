@@ -36,23 +36,23 @@ void run(dist::Communicator& comm, dist::DeviceTransport::Mode mode) {
   }
   Tensor<double> host(Dims{n});
   std::copy(mine.begin(), mine.end(), host.data());
-  Tensor<double, Space::Cuda> dev = gpu::to_device(host);
+  Tensor<double, Space::Cuda> dev = to_space<Space::Cuda>(host);
   tr.allreduce_sum(dev.view());
-  Tensor<double> back = gpu::to_host(dev);
+  Tensor<double> back = to_space<Space::Host>(dev);
   bool ok = true;
   for (index_t i = 0; i < n; ++i) ok = ok && std::fabs(back[i] - sum[std::size_t(i)]) <= 1e-12 * std::fabs(sum[std::size_t(i)]);
   expect(ok, "allreduce_sum of a device tensor", r);
 
-  Tensor<double, Space::Cuda> b = gpu::to_device(host);
+  Tensor<double, Space::Cuda> b = to_space<Space::Cuda>(host);
   tr.broadcast(b.view(), R - 1);
-  back = gpu::to_host(b);
+  back = to_space<Space::Host>(b);
   const auto root = values(R - 1, n);
   ok = true;
   for (index_t i = 0; i < n; ++i) ok = ok && back[i] == root[std::size_t(i)];
   expect(ok, "broadcast of a device tensor", r);
 
   // A chain r -> r+1: the last rank sends nothing, rank 0 receives nothing.
-  Tensor<double, Space::Cuda> in = gpu::to_device(zeros<double>(Dims{n}));
+  Tensor<double, Space::Cuda> in = to_space<Space::Cuda>(zeros<double>(Dims{n}));
   if (r % 2 == 0) {
     if (r + 1 < R) tr.send(TensorView<const double, Space::Cuda>(dev.view()), r + 1, 5);
     if (r > 0) tr.recv(in.view(), r - 1, 5);
@@ -60,7 +60,7 @@ void run(dist::Communicator& comm, dist::DeviceTransport::Mode mode) {
     if (r > 0) tr.recv(in.view(), r - 1, 5);
     if (r + 1 < R) tr.send(TensorView<const double, Space::Cuda>(dev.view()), r + 1, 5);
   }
-  back = gpu::to_host(in);
+  back = to_space<Space::Host>(in);
   ok = true;
   for (index_t i = 0; i < n; ++i) ok = ok && back[i] == (r > 0 ? sum[std::size_t(i)] : 0.0);
   expect(ok, "send/recv of device tensors", r);

@@ -1,7 +1,7 @@
 // The whole model in the test binary's memory space: on the CPU build the host, on the
 // CUDA build the GPU (every layer, strategy, scan, embedding, loss and optimiser step on the
-// device). The host model is the oracle: the same model on both spaces must give the same
-// loss and gradients (to rounding), and the strategies must agree on each space.
+// device). The strategies must agree on each space; in the CUDA build the host model is the
+// oracle: the same model on both spaces must give the same loss and gradients (to rounding).
 #include "../support/test_support.hpp"
 
 #include <ssmx/nn/model.hpp>
@@ -99,6 +99,9 @@ TEST_CASE_TEMPLATE("model space: every strategy agrees on this backend", Layer, 
   CHECK(test::max_rel_err(grads_of(m, d.batch, PaperAdjoint{0}, l), ref) > 1e-3);  // inexact for K = 2, as it must be
 }
 
+// The GPU model against the host model. On the CPU build both sides would be the same
+// instantiation (a comparison that cannot fail), so these run in the CUDA build only.
+#if SSMX_TEST_CUDA
 TEST_CASE_TEMPLATE("model space: this backend matches the host model", Layer, Diagonal, MambaSmall, Gated) {
   for (bool bf16 : {false, true}) {
     CAPTURE(bf16);
@@ -139,8 +142,7 @@ TEST_CASE_TEMPLATE("model space: this backend matches the host model", Layer, Di
                                   to_vector(hs.initial_halo_grad[std::size_t(k)])) <= tol);
       }
     };
-    // On the CPU build both models run the same host code: equal to the last bit.
-    const double tol = space == Space::Host ? 0.0 : 1e-10;
+    const double tol = 1e-10;
     compare(Adjoint{5, 2}, tol);
     compare(Backprop{}, tol);
     compare(TruncatedAdjoint{6, 4}, tol);
@@ -148,7 +150,7 @@ TEST_CASE_TEMPLATE("model space: this backend matches the host model", Layer, Di
 
     // Forward only: the streamed loss and the logits.
     const double eh = host.evaluate(d.batch, 7).loss, ed = dev.evaluate(d.batch, 7).loss;
-    CHECK(std::abs(ed - eh) <= std::max(tol, 1e-15) * std::abs(eh));
+    CHECK(std::abs(ed - eh) <= tol * std::abs(eh));
     CHECK(test::max_rel_err(to_vector(dev.logits(d.batch, 4)), to_vector(host.logits(d.batch, 4))) <= tol);
   }
 }
@@ -172,6 +174,7 @@ TEST_CASE("model space: a train step with AdamW and clipping matches the host") 
     CHECK(test::max_rel_err(flat(dev, true), flat(host, true)) <= 1e-10);
   }
 }
+#endif  // SSMX_TEST_CUDA
 
 #if !SSMX_TEST_CUDA
 TEST_CASE("scan layer: the paper's double sum by distance equals the host schedule bit for bit") {

@@ -561,9 +561,9 @@ StepResult Model<Layer_, K, Mem>::sequence(const Batch& batch, index_t b, const 
         Stretch<Layer> st;
         Tensor<T, Mem> h_last(Dims{1, S}, Tag::Workspace), buf;
         compute_stretch(block(k), Yk.read(c0, halo + c1, buf), CV(h.view()), st, h_last.view(), resets.offset(c0));
-        // Π a over the chunk's tokens, in token order: the scan of (a, 0) from `prod`.
-        Tensor<T, Mem> run(Dims{1, c1 - c0, S}, Tag::Workspace);
-        linear_scan<T, Mem>(CV(st.a.view()), detail::repeat_row<T, Mem>(zero.data(), c1 - c0, S), run.view(), prod,
+        // Π a over the chunk's tokens, in token order: the scan of (a, 0) from `prod` (its
+        // states overwrite st.h, which this pass no longer needs).
+        linear_scan<T, Mem>(CV(st.a.view()), detail::repeat_row<T, Mem>(zero.data(), c1 - c0, S), st.h.view(), prod,
                             prod);
         h = std::move(h_last);
       }

@@ -402,9 +402,8 @@ void paper_delta_by_distance(TensorView<const T, S> a, TensorView<const T, S> gh
   const index_t w = window > 0 ? std::min(window, n) : n;
   copy<T>(delta, gh);
   Tensor<T, S> v[2] = {Tensor<T, S>(gh.dims(), Tag::Workspace), Tensor<T, S>(gh.dims(), Tag::Workspace)};
-  copy<T>(v[0].view(), gh);
   for (index_t d = 1; d < w; ++d) {
-    TensorView<const T, S> prev = v[(d - 1) % 2].view();
+    TensorView<const T, S> prev = d == 1 ? gh : TensorView<const T, S>(v[(d - 1) % 2].view());  // v_0 = gh
     TensorView<T, S> cur = v[d % 2].view().slice(1, 0, n - d);
     assign(cur, leaf(a.slice(1, 1, n - d + 1)) * leaf(prev.slice(1, 1, n - d + 1)));
     accumulate(delta.slice(1, 0, n - d), leaf(TensorView<const T, S>(cur)));

@@ -70,18 +70,4 @@ inline bool install_device_allocator() noexcept {
 inline const bool device_allocator_installed = install_device_allocator();
 }  // namespace detail
 
-// Host <-> device copies of whole tensors (ssmx::to_space, named for the direction).
-template <class T>
-Tensor<T, Space::Cuda> to_device(const Tensor<T>& h, Tag tag) {
-  return to_space<Space::Cuda>(h, tag);
-}
-template <class T>
-Tensor<T, Space::Cuda> to_device(const Tensor<T>& h) {
-  return to_space<Space::Cuda>(h);
-}
-template <class T>
-Tensor<T> to_host(const Tensor<T, Space::Cuda>& d) {
-  return to_space<Space::Host>(d);
-}
-
 }  // namespace ssmx::gpu
