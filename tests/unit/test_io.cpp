@@ -69,7 +69,6 @@ inline std::string safetensors_bytes(const std::string& header, const std::strin
   return le(header.size(), 8) + header + data;
 }
 
-
 // Owns parameters and hands out the ParameterList the io functions take.
 template <class T>
 struct Params {
@@ -403,7 +402,8 @@ TEST_CASE("io: safetensors reader names the file and the field of a malformed he
     CHECK(contains(msg, path + ": the header is not valid JSON: error at byte 8 of the header"));
   }
   SUBCASE("header that is JSON but not an object") {
-    CHECK(contains(open_error(safetensors_bytes("[1, 2]", "")), path + ": the header is a JSON array"));
+    CHECK(contains(open_error(safetensors_bytes("[1, 2]", "")),
+                   path + ": the header begins with '[' (0x5b), expected '{' (a JSON object)"));
   }
   SUBCASE("metadata that is not all strings") {
     const std::string h = R"({"__metadata__":{"epoch":3}})";

@@ -35,12 +35,14 @@
 #include <vector>
 
 #if defined(_WIN32)
-#include <io.h>       // _commit, _fileno
-#include <process.h>  // _getpid
+#include <io.h>        // _commit, _fileno
+#include <process.h>   // _getpid
+#include <sys/stat.h>  // stat: refuse directories before opening them
 #else
-#include <fcntl.h>     // open (directory fsync)
-#include <sys/stat.h>  // stat: refuse directories before sizing them
-#include <unistd.h>    // fsync, getpid
+#include <fcntl.h>   // open (directory fsync)
+#include <unistd.h>  // fsync, getpid
+
+#include "../io/file.hpp"  // regular files only, opened without blocking; pread
 #endif
 
 #include "../config.hpp"
@@ -78,44 +80,74 @@ inline void store_le32(unsigned char* p, std::uint32_t v) {
   for (int i = 0; i < 4; ++i) p[i] = static_cast<unsigned char>(v >> (8 * i));
 }
 
-// Opens `path` for binary reading; IOError naming `what` and the file when it cannot.
-inline std::ifstream open_for_reading(const std::string& path, const char* what) {
-#if !defined(_WIN32)
-  struct stat st {};
-  if (::stat(path.c_str(), &st) == 0)  // a directory opens, then reports a bogus size
-    SSMX_REQUIRE(!S_ISDIR(st.st_mode), IOError, what, " '", path, "': is a directory, not a file");
+// A file opened for reading by offset. POSIX: only a regular file is opened, never in a
+// way that blocks (a FIFO, a device or a directory in its place is refused first), and
+// read with pread. IOError "<what> '<path>': ..." when it cannot be opened.
+class ReadOnlyFile {
+ public:
+  void open(const std::string& path, const char* what) {
+#if defined(_WIN32)
+    struct stat st {};
+    if (::stat(path.c_str(), &st) == 0)  // a directory opens, then reports a bogus size
+      SSMX_REQUIRE(!(st.st_mode & S_IFDIR), IOError, what, " '", path, "': is a directory, not a regular file");
+    errno = 0;
+    in_ = std::ifstream(path, std::ios::binary);
+    SSMX_REQUIRE(in_.is_open(), IOError, what, " '", path, "': cannot open for reading: ", errno_text(errno));
+    in_.seekg(0, std::ios::end);
+    const std::streamoff end = in_.tellg();
+    SSMX_REQUIRE(end >= 0 && in_.good(), IOError, what, " '", path, "': cannot determine the file size");
+    size_ = index_t(end);
+#else
+    std::string why;
+    std::uint64_t size = 0;
+    fd_ = ::ssmx::io::detail::try_open_regular(path, size, why);
+    SSMX_REQUIRE(fd_, IOError, what, " '", path, "': ", why);
+    SSMX_REQUIRE(size <= std::uint64_t(INT64_MAX), IOError, what, " '", path, "': the file is too large");
+    size_ = index_t(size);
 #endif
-  errno = 0;
-  std::ifstream in(path, std::ios::binary);
-  SSMX_REQUIRE(in.is_open(), IOError, what, " '", path, "': cannot open for reading: ", errno_text(errno));
-  return in;
-}
+  }
+  bool is_open() const {
+#if defined(_WIN32)
+    return in_.is_open();
+#else
+    return bool(fd_);
+#endif
+  }
+  index_t size() const { return size_; }
+  // Reads bytes [offset, offset + n); false with `why` set when they cannot all be read.
+  bool read(index_t offset, void* buf, index_t n, std::string& why) {
+#if defined(_WIN32)
+    in_.clear();
+    in_.seekg(std::streamoff(offset), std::ios::beg);
+    in_.read(static_cast<char*>(buf), std::streamsize(n));
+    if (in_.gcount() == std::streamsize(n)) return true;
+    why = "read failed (was the file truncated?)";
+    return false;
+#else
+    return ::ssmx::io::detail::try_pread_all(fd_.get(), buf, std::uint64_t(n), std::uint64_t(offset), why);
+#endif
+  }
 
-// The size in bytes of an open stream (leaves the position at 0).
-inline index_t stream_size(std::ifstream& in, const std::string& path, const char* what) {
-  in.seekg(0, std::ios::end);
-  const std::streamoff end = in.tellg();
-  in.seekg(0, std::ios::beg);
-  SSMX_REQUIRE(end >= 0 && in.good(), IOError, what, " '", path, "': cannot determine the file size");
-  return index_t(end);
-}
+ private:
+  index_t size_ = 0;
+#if defined(_WIN32)
+  std::ifstream in_;
+#else
+  ::ssmx::io::detail::FileDescriptor fd_;
+#endif
+};
 
 inline const char* width_name(int width) { return width == 2 ? "uint16" : "uint32"; }
 
-}  // namespace detail
-
-// Reads and validates the header of an llm.c token file: magic, version, count > 0, and the
-// file size against the count. Throws IOError naming the file and the field.
-inline TokenFileInfo read_token_file_header(const std::string& path) {
+inline TokenFileInfo read_token_file_header(ReadOnlyFile& file, const std::string& path) {
   namespace fmt = token_file_format;
-  std::ifstream in = detail::open_for_reading(path, "token file");
-  const index_t size = detail::stream_size(in, path, "token file");
+  const index_t size = file.size();
   SSMX_REQUIRE(size >= fmt::header_bytes, IOError, "token file '", path, "': header: the file has ", size,
                " bytes, shorter than the ", fmt::header_bytes, "-byte header (256 int32)");
   unsigned char raw[fmt::header_bytes];
-  in.read(reinterpret_cast<char*>(raw), fmt::header_bytes);
-  SSMX_REQUIRE(in.gcount() == fmt::header_bytes, IOError, "token file '", path, "': header: read failed");
-  const auto field = [&](int i) { return static_cast<std::int32_t>(detail::load_le32(raw + 4 * i)); };
+  std::string why;
+  SSMX_REQUIRE(file.read(0, raw, fmt::header_bytes, why), IOError, "token file '", path, "': header: ", why);
+  const auto field = [&](int i) { return static_cast<std::int32_t>(load_le32(raw + 4 * i)); };
 
   const std::int32_t magic = field(0), version = field(1), count = field(2);
   TokenFileInfo info;
@@ -138,24 +170,36 @@ inline TokenFileInfo read_token_file_header(const std::string& path) {
                ": the file must hold at least one token");
   const index_t expected = fmt::header_bytes + index_t(count) * info.width;
   SSMX_REQUIRE(size == expected, IOError, "token file '", path, "': header[2] count = ", count, " ",
-               detail::width_name(info.width), " tokens needs a file of ", expected, " bytes, but it has ", size, " bytes");
+               width_name(info.width), " tokens needs a file of ", expected, " bytes, but it has ", size, " bytes");
   info.count = count;
   return info;
 }
 
+}  // namespace detail
+
+// Reads and validates the header of an llm.c token file: magic, version, count > 0, and the
+// file size against the count. Throws IOError naming the file and the field.
+inline TokenFileInfo read_token_file_header(const std::string& path) {
+  detail::ReadOnlyFile file;
+  file.open(path, "token file");
+  return detail::read_token_file_header(file, path);
+}
+
 // An open llm.c token file that reads any range of tokens, so a large file need not fit in
-// memory. read() moves the stream position: one TokenFile per thread.
+// memory. One TokenFile per thread.
 class TokenFile {
  public:
   TokenFile() = default;
   explicit TokenFile(const std::string& path) { open(path); }
 
   void open(const std::string& path) {
-    TokenFileInfo info = read_token_file_header(path);
-    in_ = detail::open_for_reading(path, "token file");
+    detail::ReadOnlyFile file;
+    file.open(path, "token file");
+    TokenFileInfo info = detail::read_token_file_header(file, path);
+    file_ = std::move(file);
     info_ = std::move(info);
   }
-  bool is_open() const { return in_.is_open(); }
+  bool is_open() const { return file_.is_open(); }
   const TokenFileInfo& info() const { return info_; }
   const std::string& path() const { return info_.path; }
   int width() const { return info_.width; }
@@ -169,13 +213,11 @@ class TokenFile {
     const int w = width();
     constexpr index_t block = index_t(1) << 16;
     std::vector<unsigned char> buf(std::size_t(std::min(n, block) * w));
-    in_.clear();
-    in_.seekg(std::streamoff(token_file_format::header_bytes + begin * w), std::ios::beg);
+    std::string why;
     for (index_t done = 0; done < n;) {
       const index_t m = std::min(block, n - done);
-      in_.read(reinterpret_cast<char*>(buf.data()), std::streamsize(m * w));
-      SSMX_REQUIRE(in_.gcount() == std::streamsize(m * w), IOError, "token file '", path(), "': reading tokens [",
-                   begin + done, ", ", begin + done + m, ") failed (was the file truncated?)");
+      SSMX_REQUIRE(file_.read(token_file_format::header_bytes + (begin + done) * w, buf.data(), m * w, why), IOError,
+                   "token file '", path(), "': reading tokens [", begin + done, ", ", begin + done + m, "): ", why);
       for (index_t i = 0; i < m; ++i) {
         const unsigned char* p = buf.data() + i * w;
         if (w == 2) {
@@ -198,7 +240,7 @@ class TokenFile {
 
  private:
   TokenFileInfo info_;
-  std::ifstream in_;
+  detail::ReadOnlyFile file_;
 };
 
 // Every token of an llm.c token file.
@@ -304,13 +346,13 @@ inline void write_token_file(const std::string& path, const std::vector<token_t>
 
 // Any file's bytes as tokens 0..255 (vocab 256), for byte-level language modelling.
 inline std::vector<token_t> read_byte_tokens(const std::string& path) {
-  std::ifstream in = detail::open_for_reading(path, "byte file");
-  const index_t size = detail::stream_size(in, path, "byte file");
+  detail::ReadOnlyFile file;
+  file.open(path, "byte file");
+  const index_t size = file.size();
   SSMX_REQUIRE(size > 0, IOError, "byte file '", path, "': the file is empty (0 bytes): no tokens");
   std::vector<unsigned char> bytes(static_cast<std::size_t>(size));
-  in.read(reinterpret_cast<char*>(bytes.data()), std::streamsize(size));
-  SSMX_REQUIRE(in.gcount() == std::streamsize(size), IOError, "byte file '", path, "': read ", index_t(in.gcount()),
-               " of ", size, " bytes");
+  std::string why;
+  SSMX_REQUIRE(file.read(0, bytes.data(), size, why), IOError, "byte file '", path, "': ", why);
   return std::vector<token_t>(bytes.begin(), bytes.end());
 }
 

@@ -16,6 +16,7 @@
 // `latest` file naming it; latest_checkpoint() finds it again.
 #pragma once
 
+#include <algorithm>
 #include <cctype>
 #include <cerrno>
 #include <charconv>
@@ -24,7 +25,6 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <limits>
 #include <locale>
 #include <map>
@@ -39,6 +39,7 @@
 #include "../nn/parameter.hpp"
 #include "../optim/adamw.hpp"
 #include "../optim/sgd.hpp"
+#include "file.hpp"
 #include "safetensors.hpp"
 
 namespace ssmx::io {
@@ -101,7 +102,7 @@ inline const std::string& metadata_field(const Metadata& md, const std::string& 
 inline std::int64_t metadata_int64(const Metadata& md, const std::string& key, const std::string& file) {
   const std::string& s = metadata_field(md, key, file);
   const auto v = parse_int64(s);
-  SSMX_REQUIRE(v.has_value() && *v >= 0, IOError, file, ": field \"__metadata__.", key, "\" is \"", s,
+  SSMX_REQUIRE(v.has_value() && *v >= 0, IOError, file, ": field \"__metadata__.", key, "\" is \"", printable(s),
                "\", expected a decimal integer >= 0");
   return *v;
 }
@@ -109,7 +110,7 @@ inline std::int64_t metadata_int64(const Metadata& md, const std::string& key, c
 inline double metadata_lr(const Metadata& md, const std::string& file) {
   const std::string& s = metadata_field(md, "optim.lr", file);
   const auto v = parse_double(s);
-  SSMX_REQUIRE(v.has_value() && *v >= 0.0, IOError, file, ": field \"__metadata__.optim.lr\" is \"", s,
+  SSMX_REQUIRE(v.has_value() && *v >= 0.0, IOError, file, ": field \"__metadata__.optim.lr\" is \"", printable(s),
                "\", expected a finite number >= 0");
   return *v;
 }
@@ -197,10 +198,11 @@ Parameter<T>& state_owner(const std::map<std::string, Parameter<T>*>& by_name, c
                           const Dims& dims, const std::string& file) {
   const auto dot = entry.rfind('.');
   auto it = dot == std::string::npos ? by_name.end() : by_name.find(entry.substr(0, dot));
-  SSMX_REQUIRE(it != by_name.end(), ValueError, file, ": optimizer state \"", entry,
+  SSMX_REQUIRE(it != by_name.end(), ValueError, file, ": optimizer state \"", printable(entry),
                "\" belongs to no parameter in the list (expected \"<parameter>.<slot>\")");
-  SSMX_REQUIRE(dims == it->second->value.dims(), ShapeError, file, ": optimizer state \"", entry, "\" has shape ",
-               dims.str(), ", but parameter \"", it->first, "\" has shape ", it->second->value.dims().str());
+  SSMX_REQUIRE(dims == it->second->value.dims(), ShapeError, file, ": optimizer state \"", printable(entry),
+               "\" has shape ", dims.str(), ", but parameter \"", it->first, "\" has shape ",
+               it->second->value.dims().str());
   return *it->second;
 }
 
@@ -273,17 +275,17 @@ CheckpointInfo load_checkpoint(const std::string& path, const ParameterList<T>& 
   const Metadata& md = f.metadata();
 
   const std::string& format = detail::metadata_field(md, "format", path);
-  SSMX_REQUIRE(format == detail::checkpoint_format, IOError, path, ": field \"__metadata__.format\" is \"", format,
-               "\", expected \"", detail::checkpoint_format, "\"");
+  SSMX_REQUIRE(format == detail::checkpoint_format, IOError, path, ": field \"__metadata__.format\" is \"",
+               detail::printable(format), "\", expected \"", detail::checkpoint_format, "\"");
   const std::string& version = detail::metadata_field(md, "format_version", path);
   SSMX_REQUIRE(version == detail::checkpoint_version, IOError, path, ": field \"__metadata__.format_version\" is \"",
-               version, "\", expected \"", detail::checkpoint_version, "\"");
+               detail::printable(version), "\", expected \"", detail::checkpoint_version, "\"");
   CheckpointInfo info;
   info.step = detail::metadata_int64(md, "step", path);
   const std::string& kind = detail::metadata_field(md, "optim.kind", path);
   SSMX_REQUIRE(!with_optimizer || kind == detail::optimizer_kind<Optimizer>(), ValueError, path,
-               ": the checkpoint holds optimizer state of kind \"", kind, "\", but the optimizer is \"",
-               detail::optimizer_kind<Optimizer>(), "\"");
+               ": the checkpoint holds optimizer state of kind \"", detail::printable(kind),
+               "\", but the optimizer is \"", detail::optimizer_kind<Optimizer>(), "\"");
 
   // Names, shapes and dtypes of every tensor in the file against the model.
   const auto by_name = detail::parameters_by_name(params, path);
@@ -292,21 +294,21 @@ CheckpointInfo load_checkpoint(const std::string& path, const ParameterList<T>& 
   for (const auto& t : f.tensors()) {
     const bool is_param = detail::starts_with(t.name, detail::param_prefix);
     const bool is_state = detail::starts_with(t.name, detail::optim_prefix);
-    SSMX_REQUIRE(is_param || is_state, ValueError, path, ": unexpected tensor \"", t.name,
+    SSMX_REQUIRE(is_param || is_state, ValueError, path, ": unexpected tensor \"", detail::printable(t.name),
                  "\" (checkpoint tensors are \"param/...\" or \"optim/...\")");
     if (is_state && !with_optimizer) continue;
-    SSMX_REQUIRE(t.dtype == native, ValueError, path, ": tensor \"", t.name, "\" has dtype ", t.dtype, ", expected ",
-                 native, " (checkpoints keep values in the parameters' own dtype)");
-    SSMX_REQUIRE(t.shape.size() <= std::size_t(max_rank), ShapeError, path, ": tensor \"", t.name, "\" has shape ",
-                 t.shape_str(), " of rank ", t.shape.size(), "; ssmx tensors have rank <= ", max_rank);
+    SSMX_REQUIRE(t.dtype == native, ValueError, path, ": tensor \"", detail::printable(t.name), "\" has dtype ",
+                 t.dtype, ", expected ", native, " (checkpoints keep values in the parameters' own dtype)");
+    SSMX_REQUIRE(t.shape.size() <= std::size_t(max_rank), ShapeError, path, ": tensor \"", detail::printable(t.name),
+                 "\" has shape ", t.shape_str(), " of rank ", t.shape.size(), "; ssmx tensors have rank <= ", max_rank);
     if (is_param) {
       const std::string name = t.name.substr(std::strlen(detail::param_prefix));
       auto it = by_name.find(name);
-      SSMX_REQUIRE(it != by_name.end(), ValueError, path, ": tensor \"", t.name, "\" has no parameter \"", name,
-                   "\" in the list");
-      SSMX_REQUIRE(detail::same_shape(t.shape, it->second->value.dims()), ShapeError, path, ": tensor \"", t.name,
-                   "\" has shape ", t.shape_str(), ", but parameter \"", name, "\" has shape ",
-                   it->second->value.dims().str());
+      SSMX_REQUIRE(it != by_name.end(), ValueError, path, ": tensor \"", detail::printable(t.name),
+                   "\" has no parameter \"", detail::printable(name), "\" in the list");
+      SSMX_REQUIRE(detail::same_shape(t.shape, it->second->value.dims()), ShapeError, path, ": tensor \"",
+                   detail::printable(t.name), "\" has shape ", t.shape_str(), ", but parameter \"", name,
+                   "\" has shape ", it->second->value.dims().str());
     } else {
       Dims d;
       d.rank = int(t.shape.size());
@@ -386,21 +388,24 @@ std::string save_checkpoint_to_dir(const std::string& dir, const ParameterList<T
 
 // The newest checkpoint in `dir`: the file `latest` names, or, without a `latest` file, the
 // step_*.safetensors with the highest step; nullopt when there is none. IOError naming the
-// `latest` file when it is unreadable, malformed or names a missing file.
+// `latest` file when it is not a small regular file (a broken link included), is
+// malformed, or names a missing file.
 inline std::optional<std::string> latest_checkpoint(const std::string& dir) {
   namespace fs = std::filesystem;
   std::error_code ec;
-  const fs::path latest = fs::path(dir) / "latest";
-  if (fs::exists(latest, ec)) {
-    std::ifstream in(latest);
-    std::string name;
-    std::getline(in, name);
-    SSMX_REQUIRE(in.is_open() && !in.bad(), IOError, latest.string(), ": cannot read: ", std::strerror(errno));
-    SSMX_REQUIRE(!name.empty() && name.find('/') == std::string::npos && name != "." && name != "..", IOError,
-                 latest.string(), ": holds \"", name, "\", expected a checkpoint file name in ", dir);
+  const std::string latest = (fs::path(dir) / "latest").string();
+  if (fs::symlink_status(latest, ec).type() != fs::file_type::not_found ||
+      (ec && ec != std::errc::no_such_file_or_directory)) {
+    const std::string text = read_file_bounded(latest, 4096);
+    const std::string name = text.substr(0, text.find('\n'));
+    const bool plain =
+        !name.empty() && name.find('/') == std::string::npos && name != "." && name != ".." &&
+        std::none_of(name.begin(), name.end(), [](char c) { return static_cast<unsigned char>(c) < 0x20; });
+    SSMX_REQUIRE(plain, IOError, latest, ": holds \"", detail::printable(name),
+                 "\", expected a checkpoint file name in ", dir);
     const fs::path target = fs::path(dir) / name;
-    SSMX_REQUIRE(fs::is_regular_file(target, ec), IOError, latest.string(), ": names ", target.string(),
-                 ", which does not exist");
+    SSMX_REQUIRE(fs::is_regular_file(target, ec), IOError, latest, ": names ", target.string(),
+                 ", which does not exist or is not a regular file");
     return target.string();
   }
   std::optional<std::string> best;

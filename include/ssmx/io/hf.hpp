@@ -6,19 +6,16 @@
 // that model (e.g. nn/mamba.hpp). Needs nlohmann_json (CMake target ssmx::io).
 #pragma once
 
+#include <sys/stat.h>
+
 #include <algorithm>
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
-#include <filesystem>
-#include <fstream>
 #include <functional>
-#include <iterator>
-#include <limits>
 #include <map>
 #include <set>
 #include <string>
-#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -27,89 +24,29 @@
 #include "../core/error.hpp"
 #include "../core/tensor.hpp"
 #include "../nn/parameter.hpp"
+#include "json.hpp"
 #include "safetensors.hpp"
 
 namespace ssmx::io {
 
-// Parses the JSON file at `path`. IOError naming the file when it cannot be read, or when
-// it is not valid JSON (with the byte offset of the error).
-inline nlohmann::json read_json(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  SSMX_REQUIRE(in, IOError, path, ": cannot open: ", detail::errno_text(errno));
-  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  SSMX_REQUIRE(!in.bad(), IOError, path, ": cannot read: ", detail::errno_text(errno));
-  try {
-    return nlohmann::json::parse(text);
-  } catch (const nlohmann::json::parse_error& e) {
-    throw IOError(detail::str(path, ": not valid JSON: error at byte ", e.byte, ": ", detail::json_error_text(e)));
-  }
-}
-
-// Field `key` of a JSON object (a config.json) as T: bool, an integer type, a floating
-// type or std::string. IOError naming the file, the field, the expected type and what was
-// found when it is absent, of another type, or out of T's range.
-template <class T>
-T json_field(const nlohmann::json& obj, const std::string& key, const std::string& file) {
-  SSMX_REQUIRE(obj.is_object(), IOError, file, ": expected a JSON object holding field \"", key, "\", found a ",
-               obj.type_name());
-  auto it = obj.find(key);
-  SSMX_REQUIRE(it != obj.end(), IOError, file, ": field \"", key, "\" is missing");
-  const nlohmann::json& v = *it;
-  const auto bad = [&](const char* expected) {
-    return IOError(detail::str(file, ": field \"", key, "\" is ", detail::json_excerpt(v), ", expected ", expected));
-  };
-  if constexpr (std::is_same_v<T, bool>) {
-    if (!v.is_boolean()) throw bad("true or false");
-    return v.get<bool>();
-  } else if constexpr (std::is_integral_v<T>) {
-    if (!v.is_number_integer()) throw bad("an integer");
-    if (v.is_number_unsigned()) {
-      const auto u = v.get<std::uint64_t>();
-      if (u > std::uint64_t(std::numeric_limits<T>::max())) throw bad("an integer in range");
-      return T(u);
-    }
-    const auto s = v.get<std::int64_t>();
-    if (s < std::int64_t(std::numeric_limits<T>::min())) throw bad("an integer in range");
-    return T(s);
-  } else if constexpr (std::is_floating_point_v<T>) {
-    if (!v.is_number()) throw bad("a number");
-    return v.get<T>();
-  } else {
-    static_assert(std::is_same_v<T, std::string>,
-                  "json_field: T must be bool, an integer, a floating type or std::string");
-    if (!v.is_string()) throw bad("a string");
-    return v.get<std::string>();
-  }
-}
-
-// The same with a default for an absent (or null) field; a present field of the wrong
-// type still throws.
-template <class T>
-T json_field(const nlohmann::json& obj, const std::string& key, const std::string& file, T fallback) {
-  if (obj.is_object()) {
-    auto it = obj.find(key);
-    if (it == obj.end() || it->is_null()) return fallback;
-  }
-  return json_field<T>(obj, key, file);
-}
-
 // The weights of a Hugging Face checkpoint: one safetensors file, or several shards and
 // the index {"weight_map": {"<tensor>": "<shard file name>"}} that says which holds what.
-// All files are opened (and their headers validated) up front.
+// All files are opened (and their headers validated) up front. A sharded checkpoint is as
+// strict as a single file: every tensor of every shard is listed in the weight_map, under
+// that shard, and listed once.
 class SafetensorsShards {
  public:
   static constexpr const char* index_name = "model.safetensors.index.json";
   static constexpr const char* single_name = "model.safetensors";
 
-  // `dir`/model.safetensors.index.json if it exists, else `dir`/model.safetensors.
+  // `dir`/model.safetensors.index.json if there is anything by that name (a broken link is
+  // reported as such, not skipped), else `dir`/model.safetensors.
   static SafetensorsShards open_dir(const std::string& dir) {
-    namespace fs = std::filesystem;
-    const fs::path index = fs::path(dir) / index_name, single = fs::path(dir) / single_name;
-    std::error_code ec;
-    if (fs::exists(index, ec)) return open_index(index.string());
-    SSMX_REQUIRE(fs::exists(single, ec), IOError, dir, ": neither ", index_name, " nor ", single_name,
+    const std::string index = dir + "/" + index_name, single = dir + "/" + single_name;
+    if (entry_exists(index)) return open_index(index);
+    SSMX_REQUIRE(entry_exists(single), IOError, dir, ": neither ", index_name, " nor ", single_name,
                  " found (a Hugging Face checkpoint directory holds one of them)");
-    return open_file(single.string());
+    return open_file(single);
   }
 
   // A single safetensors file.
@@ -123,30 +60,43 @@ class SafetensorsShards {
 
   // An index file; shard names are file names in the index's directory.
   static SafetensorsShards open_index(const std::string& index_path) {
-    namespace fs = std::filesystem;
-    const nlohmann::json index = read_json(index_path);
+    const nlohmann::json index = read_json(index_path);  // a key listed twice is an error there
     SSMX_REQUIRE(index.is_object() && index.contains("weight_map") && index.at("weight_map").is_object(), IOError,
                  index_path,
                  ": field \"weight_map\" is missing or not an object (expected {\"<tensor>\": \"<shard>\"})");
     SafetensorsShards s;
     s.path_ = index_path;
     std::map<std::string, std::size_t> shard_of_name;
-    const fs::path dir = fs::path(index_path).parent_path();
+    const auto slash = index_path.rfind('/');
+    const std::string dir = slash == std::string::npos ? "" : index_path.substr(0, slash + 1);
     for (const auto& [tensor, shard] : index.at("weight_map").items()) {
-      SSMX_REQUIRE(shard.is_string(), IOError, index_path, ": field \"weight_map\": tensor \"", tensor, "\" maps to ",
+      const std::string shown = detail::printable(tensor);
+      SSMX_REQUIRE(shard.is_string(), IOError, index_path, ": field \"weight_map\": tensor \"", shown, "\" maps to ",
                    detail::json_excerpt(shard), ", expected a shard file name");
-      const std::string name = shard.get<std::string>();
-      // A plain name, so that an index cannot point outside its directory.
-      SSMX_REQUIRE(!name.empty() && name != "." && name != ".." && name.find('/') == std::string::npos, IOError,
-                   index_path, ": field \"weight_map\": tensor \"", tensor, "\" maps to \"", name,
-                   "\", expected a file name in the index's directory");
+      const std::string& name = shard.get_ref<const std::string&>();
+      // A plain, printable name, so that an index cannot point outside its directory.
+      const bool plain =
+          !name.empty() && name != "." && name != ".." && name.find('/') == std::string::npos &&
+          std::none_of(name.begin(), name.end(), [](char c) { return static_cast<unsigned char>(c) < 0x20; });
+      SSMX_REQUIRE(plain, IOError, index_path, ": field \"weight_map\": tensor \"", shown, "\" maps to \"",
+                   detail::printable(name), "\", expected a file name in the index's directory");
       auto [it, fresh] = shard_of_name.emplace(name, s.files_.size());
-      if (fresh) s.files_.push_back(SafetensorsFile::open((dir / name).string()));
+      if (fresh) s.files_.push_back(SafetensorsFile::open(dir + name));
       const SafetensorsFile& f = s.files_[it->second];
-      SSMX_REQUIRE(f.has(tensor), IOError, index_path, ": field \"weight_map\" puts tensor \"", tensor, "\" in ",
+      SSMX_REQUIRE(f.has(tensor), IOError, index_path, ": field \"weight_map\" puts tensor \"", shown, "\" in ",
                    f.path(), ", which has no such tensor");
       s.where_.emplace(tensor, it->second);
     }
+    // Nothing in a shard that the index does not send a reader to.
+    for (std::size_t k = 0; k < s.files_.size(); ++k)
+      for (const auto& t : s.files_[k].tensors()) {
+        auto w = s.where_.find(t.name);
+        SSMX_REQUIRE(w != s.where_.end(), IOError, index_path, ": ", s.files_[k].path(), " holds tensor \"",
+                     detail::printable(t.name), "\", which field \"weight_map\" does not list");
+        SSMX_REQUIRE(w->second == k, IOError, index_path, ": tensor \"", detail::printable(t.name),
+                     "\" is stored in two shards, ", s.files_[w->second].path(),
+                     " (where field \"weight_map\" puts it) and ", s.files_[k].path());
+      }
     return s;
   }
 
@@ -163,7 +113,8 @@ class SafetensorsShards {
   // The file that holds `name`; ValueError naming the checkpoint and the tensor if none does.
   const SafetensorsFile& file_of(const std::string& name) const {
     auto it = where_.find(name);
-    SSMX_REQUIRE(it != where_.end(), ValueError, path_, ": no tensor \"", name, "\" in the checkpoint");
+    SSMX_REQUIRE(it != where_.end(), ValueError, path_, ": no tensor \"", detail::printable(name),
+                 "\" in the checkpoint");
     return files_[it->second];
   }
   const TensorInfo& info(const std::string& name) const { return file_of(name).info(name); }
@@ -174,6 +125,11 @@ class SafetensorsShards {
 
  private:
   SafetensorsShards() = default;
+  // Anything at `path`, a dangling symbolic link included.
+  static bool entry_exists(const std::string& path) {
+    struct stat st {};
+    return ::lstat(path.c_str(), &st) == 0 || errno != ENOENT;
+  }
   std::string path_;
   std::vector<SafetensorsFile> files_;
   std::map<std::string, std::size_t> where_;  // tensor -> index into files_

@@ -6,20 +6,17 @@
 //
 // Offsets are relative to the start of the data buffer, values are little-endian and
 // row-major. SafetensorsFile validates the whole header against the file size before it
-// reads any tensor; SafetensorsWriter writes a temporary file and renames it over the
-// target, so a reader never sees a half-written file.
+// reads any tensor, as strictly as the format's reference implementation: the header is a
+// JSON object that begins with '{' and is padded with spaces only, every name appears
+// once, and the tensors fill the data buffer exactly (no overlaps, holes or trailing
+// bytes). SafetensorsWriter writes a temporary file and renames it over the target, so a
+// reader never sees a half-written file.
 //
 // Needs nlohmann_json (CMake target ssmx::io) and POSIX (pread, fsync, rename).
 #pragma once
 
-#include <fcntl.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <array>
-#include <atomic>
-#include <cerrno>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -37,6 +34,8 @@
 #include "../core/dtype.hpp"
 #include "../core/error.hpp"
 #include "../core/tensor.hpp"
+#include "file.hpp"
+#include "json.hpp"
 
 namespace ssmx::io {
 
@@ -170,135 +169,7 @@ void for_each_element(const Dims& d, const std::array<index_t, max_rank>& stride
         for (index_t i3 = 0; i3 < e[3]; ++i3) f(k++, i0 * s[0] + i1 * s[1] + i2 * s[2] + i3 * s[3]);
 }
 
-inline std::string errno_text(int err) { return std::strerror(err); }
-
-// An owned POSIX file descriptor.
-class FileDescriptor {
- public:
-  FileDescriptor() = default;
-  explicit FileDescriptor(int fd) : fd_(fd) {}
-  FileDescriptor(FileDescriptor&& o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
-  FileDescriptor& operator=(FileDescriptor&& o) noexcept {
-    if (this != &o) {
-      reset();
-      fd_ = std::exchange(o.fd_, -1);
-    }
-    return *this;
-  }
-  FileDescriptor(const FileDescriptor&) = delete;
-  FileDescriptor& operator=(const FileDescriptor&) = delete;
-  ~FileDescriptor() { reset(); }
-
-  int get() const noexcept { return fd_; }
-  explicit operator bool() const noexcept { return fd_ >= 0; }
-  // Closes and reports close()'s error (0 if none): a write may only fail at close.
-  int close() noexcept {
-    if (fd_ < 0) return 0;
-    const int rc = ::close(std::exchange(fd_, -1));
-    return rc == 0 ? 0 : errno;
-  }
-  void reset() noexcept { (void)close(); }
-
- private:
-  int fd_ = -1;
-};
-
-// Reads exactly n bytes at `offset`; IOError naming the file and `what` otherwise.
-inline void pread_all(int fd, void* buf, std::uint64_t n, std::uint64_t offset, const std::string& path,
-                      const std::string& what) {
-  auto* p = static_cast<unsigned char*>(buf);
-  std::uint64_t done = 0;
-  while (done < n) {
-    const std::size_t want = std::size_t(std::min<std::uint64_t>(n - done, std::uint64_t(1) << 30));
-    const ssize_t got = ::pread(fd, p + done, want, off_t(offset + done));
-    if (got < 0 && errno == EINTR) continue;
-    SSMX_REQUIRE(got >= 0, IOError, path, ": cannot read ", what, ": ", errno_text(errno));
-    SSMX_REQUIRE(got > 0, IOError, path, ": unexpected end of file reading ", what, " (", n, " bytes at offset ",
-                 offset, ", the file ended after ", offset + done, ")");
-    done += std::uint64_t(got);
-  }
-}
-
-// The text after nlohmann's "[json.exception.parse_error.101] " tag.
-inline std::string json_error_text(const std::exception& e) {
-  std::string w = e.what();
-  const auto close = w.find("] ");
-  return (!w.empty() && w[0] == '[' && close != std::string::npos) ? w.substr(close + 2) : w;
-}
-
-// A short rendering of a JSON value for error messages.
-inline std::string json_excerpt(const nlohmann::json& j) {
-  std::string s = j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
-  return s.size() > 80 ? s.substr(0, 77) + "..." : s;
-}
-
 }  // namespace detail
-
-// Writes a file so that `path` holds either its old content or the complete new one, never
-// a mixture: the bytes go to "<path>.tmp.<pid>.<n>" in the same directory, which is
-// fsynced and then renamed over `path` (atomic on POSIX). If commit() is not reached (an
-// exception, or a failed commit), the temporary file is removed and `path` is untouched.
-class AtomicFile {
- public:
-  explicit AtomicFile(std::string path) : path_(std::move(path)) {
-    static std::atomic<unsigned> counter{0};
-    tmp_ = path_ + ".tmp." + std::to_string(::getpid()) + "." + std::to_string(counter++);
-    fd_ = detail::FileDescriptor(::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666));
-    SSMX_REQUIRE(fd_, IOError, path_, ": cannot create the temporary file ", tmp_, ": ", detail::errno_text(errno));
-  }
-  AtomicFile(const AtomicFile&) = delete;
-  AtomicFile& operator=(const AtomicFile&) = delete;
-  ~AtomicFile() {
-    if (!committed_) {
-      fd_.reset();
-      ::unlink(tmp_.c_str());
-    }
-  }
-
-  void write(const void* data, std::size_t n) {
-    const auto* p = static_cast<const unsigned char*>(data);
-    while (n > 0) {
-      const ssize_t w = ::write(fd_.get(), p, std::min<std::size_t>(n, std::size_t(1) << 30));
-      if (w < 0 && errno == EINTR) continue;
-      SSMX_REQUIRE(w > 0, IOError, path_, ": cannot write the temporary file ", tmp_, ": ", detail::errno_text(errno));
-      p += w;
-      n -= std::size_t(w);
-    }
-  }
-
-  // Makes the new content durable and visible under `path`.
-  void commit() {
-    SSMX_REQUIRE(::fsync(fd_.get()) == 0, IOError, path_, ": cannot flush the temporary file ", tmp_, ": ",
-                 detail::errno_text(errno));
-    const int close_err = fd_.close();
-    SSMX_REQUIRE(close_err == 0, IOError, path_, ": cannot close the temporary file ", tmp_, ": ",
-                 detail::errno_text(close_err));
-    SSMX_REQUIRE(::rename(tmp_.c_str(), path_.c_str()) == 0, IOError, path_, ": cannot rename the temporary file ",
-                 tmp_, " over it: ", detail::errno_text(errno));
-    committed_ = true;
-    // The rename itself is durable once the directory is synced; best effort (some file
-    // systems refuse fsync on directories).
-    const auto slash = path_.rfind('/');
-    const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path_.substr(0, slash));
-    detail::FileDescriptor d(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-    if (d) (void)::fsync(d.get());
-  }
-
-  const std::string& path() const noexcept { return path_; }
-  const std::string& temp_path() const noexcept { return tmp_; }
-
- private:
-  std::string path_, tmp_;
-  detail::FileDescriptor fd_;
-  bool committed_ = false;
-};
-
-// Replaces the file at `path` with `text`, atomically (see AtomicFile).
-inline void write_file_atomically(const std::string& path, const std::string& text) {
-  AtomicFile f(path);
-  f.write(text.data(), text.size());
-  f.commit();
-}
 
 // One tensor of a safetensors header.
 struct TensorInfo {
@@ -325,19 +196,20 @@ class SafetensorsFile {
   // Largest header accepted, as in the reference implementation: a corrupt length must
   // not make us allocate gigabytes.
   static constexpr std::uint64_t max_header_bytes = 100'000'000;
+  // Deepest nesting accepted in a header (a valid one needs 3: entry, shape).
+  static constexpr int max_header_depth = 16;
 
-  // Opens `path` and validates the header: its length against the file size, the JSON,
-  // every entry's dtype/shape/data_offsets (types, byte counts, bounds, no overlaps) and
-  // __metadata__ (string values). Throws IOError naming the file and the field.
+  // Opens `path` (a regular file; see file.hpp) and validates the header: its length
+  // against the file size, the JSON (an object that begins with '{', padded with spaces
+  // only, no name twice, nesting bounded), every entry's dtype/shape/data_offsets (types,
+  // extents that fit int64, byte counts, bounds), the layout of the data buffer (tensors
+  // fill it exactly: no overlaps, holes or trailing bytes) and __metadata__ (string
+  // values). Throws IOError naming the file and the field.
   static SafetensorsFile open(const std::string& path) {
     SafetensorsFile f;
     f.path_ = path;
-    f.fd_ = detail::FileDescriptor(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-    SSMX_REQUIRE(f.fd_, IOError, path, ": cannot open: ", detail::errno_text(errno));
-    struct stat st {};
-    SSMX_REQUIRE(::fstat(f.fd_.get(), &st) == 0, IOError, path, ": cannot stat: ", detail::errno_text(errno));
-    SSMX_REQUIRE(S_ISREG(st.st_mode), IOError, path, ": not a regular file");
-    const auto size = std::uint64_t(st.st_size);
+    std::uint64_t size = 0;
+    f.fd_ = detail::open_regular(path, size);
     SSMX_REQUIRE(size >= 8, IOError, path, ": file is ", size,
                  " bytes, too short for the 8-byte header length of a safetensors file");
     unsigned char len[8];
@@ -363,8 +235,8 @@ class SafetensorsFile {
   // The header entry of `name`; ValueError naming the file and the tensor if absent.
   const TensorInfo& info(const std::string& name) const {
     auto it = index_.find(name);
-    SSMX_REQUIRE(it != index_.end(), ValueError, path_, ": no tensor \"", name, "\" in the file (", tensors_.size(),
-                 " tensors)");
+    SSMX_REQUIRE(it != index_.end(), ValueError, path_, ": no tensor \"", detail::printable(name), "\" in the file (",
+                 tensors_.size(), " tensors)");
     return tensors_[it->second];
   }
   // Bytes of the data buffer (the file size less the header).
@@ -377,8 +249,8 @@ class SafetensorsFile {
   void read(const std::string& name, TensorView<T> dst) const {
     static_assert(is_compute_type_v<T>, "SafetensorsFile::read: T must be float or double");
     const TensorInfo& ti = info(name);
-    SSMX_REQUIRE(detail::same_shape(ti.shape, dst.dims()), ShapeError, path_, ": tensor \"", name, "\" has shape ",
-                 ti.shape_str(), " in the file, but the destination has shape ", dst.dims().str());
+    SSMX_REQUIRE(detail::same_shape(ti.shape, dst.dims()), ShapeError, path_, ": tensor \"", detail::printable(name),
+                 "\" has shape ", ti.shape_str(), " in the file, but the destination has shape ", dst.dims().str());
     const std::vector<unsigned char> raw = read_checked<T>(ti);
     const DType d = *ti.float_dtype();
     const auto bytes = std::size_t(dtype_size(d));
@@ -391,8 +263,9 @@ class SafetensorsFile {
   template <class T>
   Tensor<T> read(const std::string& name, Tag tag = Tag::Parameters) const {
     const TensorInfo& ti = info(name);
-    SSMX_REQUIRE(ti.shape.size() <= std::size_t(max_rank), ShapeError, path_, ": tensor \"", name, "\" has shape ",
-                 ti.shape_str(), " of rank ", ti.shape.size(), "; ssmx tensors have rank <= ", max_rank);
+    SSMX_REQUIRE(ti.shape.size() <= std::size_t(max_rank), ShapeError, path_, ": tensor \"", detail::printable(name),
+                 "\" has shape ", ti.shape_str(), " of rank ", ti.shape.size(),
+                 "; ssmx tensors have rank <= ", max_rank);
     Dims d;
     d.rank = int(ti.shape.size());
     for (int i = 0; i < d.rank; ++i) d[i] = ti.shape[std::size_t(i)];
@@ -413,7 +286,7 @@ class SafetensorsFile {
     const int bytes = int(detail::safetensors_dtype_bytes(ti.dtype));
     std::vector<unsigned char> raw(std::size_t(ti.end - ti.begin));
     detail::pread_all(fd_.get(), raw.data(), raw.size(), data_start_ + ti.begin, path_,
-                      detail::str("tensor \"", name, "\""));
+                      detail::str("tensor \"", detail::printable(name), "\""));
     std::vector<std::int64_t> out(raw.size() / std::size_t(bytes));
     for (std::size_t k = 0; k < out.size(); ++k) {
       const std::uint64_t u = detail::load_le(raw.data() + k * std::size_t(bytes), bytes);
@@ -432,16 +305,21 @@ class SafetensorsFile {
  private:
   SafetensorsFile() = default;
 
-  std::string where(const std::string& tensor) const { return detail::str(path_, ": tensor \"", tensor, "\": "); }
+  std::string where(const std::string& tensor) const {
+    return detail::str(path_, ": tensor \"", detail::printable(tensor), "\": ");
+  }
 
   void parse_header(const std::string& header) {
-    nlohmann::json h;
-    try {
-      h = nlohmann::json::parse(header);
-    } catch (const nlohmann::json::parse_error& e) {
-      throw IOError(detail::str(path_, ": the header is not valid JSON: error at byte ", e.byte,
-                                " of the header: ", detail::json_error_text(e)));
-    }
+    // The format's own rules: the JSON begins with '{' and only spaces may follow it.
+    SSMX_REQUIRE(!header.empty() && header[0] == '{', IOError, path_, ": the header begins with ",
+                 header.empty() ? std::string("nothing (its length is 0)") : byte_text(header[0]),
+                 ", expected '{' (a JSON object)");
+    std::size_t end = header.size();
+    while (end > 0 && header[end - 1] == ' ') --end;
+    SSMX_REQUIRE(end > 0 && header[end - 1] == '}', IOError, path_, ": the header's padding holds ",
+                 byte_text(header[end - 1]), " at byte ", end - 1,
+                 " of the header; after the JSON object only spaces (0x20) may follow");
+    const nlohmann::json h = parse_json(header.substr(0, end), path_, "the header", max_header_depth);
     SSMX_REQUIRE(h.is_object(), IOError, path_, ": the header is a JSON ", h.type_name(),
                  ", expected an object of tensors");
 
@@ -455,15 +333,33 @@ class SafetensorsFile {
     std::sort(tensors_.begin(), tensors_.end(), [](const TensorInfo& a, const TensorInfo& b) {
       return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
     });
-    // Sorted by begin, two non-empty ranges overlap iff one begins before the previous ends.
+    // Sorted by offsets, the tensors must follow each other without a gap from byte 0 to
+    // the end of the buffer, as the reference implementation requires: an overlap lets two
+    // names share bytes, a hole or a tail hides bytes no reader looks at.
+    std::uint64_t next = 0;
     const TensorInfo* prev = nullptr;
     for (const auto& t : tensors_) {
-      if (t.begin == t.end) continue;
-      SSMX_REQUIRE(!prev || t.begin >= prev->end, IOError, path_, ": tensor \"", t.name, "\": data_offsets [", t.begin,
-                   ", ", t.end, "] overlap those of tensor \"", prev->name, "\" [", prev->begin, ", ", prev->end, "]");
+      SSMX_REQUIRE(t.begin >= next, IOError, where(t.name), "data_offsets [", t.begin, ", ", t.end,
+                   "] overlap those of tensor \"", detail::printable(prev ? prev->name : ""), "\" [",
+                   prev ? prev->begin : 0, ", ", prev ? prev->end : 0, "]");
+      SSMX_REQUIRE(t.begin == next, IOError, where(t.name), "data_offsets [", t.begin, ", ", t.end,
+                   "] leave a hole in the data buffer: bytes [", next, ", ", t.begin, ") belong to no tensor",
+                   prev ? " (the previous tensor, \"" + detail::printable(prev->name) + "\", ends at " +
+                              std::to_string(prev->end) + ")"
+                        : std::string(" (the first tensor must begin at 0)"));
+      next = t.end;
       prev = &t;
     }
+    SSMX_REQUIRE(next == data_bytes_, IOError, path_, ": the data buffer holds ", data_bytes_, " bytes, but its ",
+                 tensors_.size(), " tensors end at byte ", next, ": ", data_bytes_ - next,
+                 " trailing bytes belong to no tensor");
     for (std::size_t i = 0; i < tensors_.size(); ++i) index_.emplace(tensors_[i].name, i);
+  }
+
+  static std::string byte_text(char c) {
+    const auto u = static_cast<unsigned char>(c);
+    const std::string hex = detail::str("0x", "0123456789abcdef"[u >> 4], "0123456789abcdef"[u & 15]);
+    return u >= 0x20 && u < 0x7f ? detail::str("'", c, "' (", hex, ")") : "byte " + hex;
   }
 
   void parse_metadata(const nlohmann::json& m) {
@@ -471,8 +367,9 @@ class SafetensorsFile {
     SSMX_REQUIRE(m.is_object(), IOError, path_, ": field \"__metadata__\" is a JSON ", m.type_name(),
                  ", expected an object of strings");
     for (auto it = m.begin(); it != m.end(); ++it) {
-      SSMX_REQUIRE(it.value().is_string(), IOError, path_, ": field \"__metadata__\": key \"", it.key(), "\" has the ",
-                   it.value().type_name(), " value ", detail::json_excerpt(it.value()), ", expected a string");
+      SSMX_REQUIRE(it.value().is_string(), IOError, path_, ": field \"__metadata__\": key \"",
+                   detail::printable(it.key()), "\" has the ", it.value().type_name(), " value ",
+                   detail::json_excerpt(it.value()), ", expected a string");
       metadata_.emplace(it.key(), it.value().get<std::string>());
     }
   }
@@ -490,7 +387,7 @@ class SafetensorsFile {
     SSMX_REQUIRE(dt.is_string(), IOError, at, "field \"dtype\" is ", detail::json_excerpt(dt), ", expected a string");
     t.dtype = dt.get<std::string>();
     const std::uint64_t elem = detail::safetensors_dtype_bytes(t.dtype);
-    SSMX_REQUIRE(elem != 0, IOError, at, "field \"dtype\" is \"", t.dtype, "\", expected one of ",
+    SSMX_REQUIRE(elem != 0, IOError, at, "field \"dtype\" is \"", detail::printable(t.dtype), "\", expected one of ",
                  detail::safetensors_dtype_list());
 
     const auto& sh = e.at("shape");
@@ -499,11 +396,15 @@ class SafetensorsFile {
       for (const auto& x : sh) shape_ok = shape_ok && x.is_number_unsigned();
     SSMX_REQUIRE(shape_ok, IOError, at, "field \"shape\" is ", detail::json_excerpt(sh),
                  ", expected an array of non-negative integers");
+    constexpr auto int64_max = std::uint64_t(std::numeric_limits<std::int64_t>::max());
     std::uint64_t bytes = elem;
-    for (const auto& x : sh) {
-      const auto v = x.get<std::uint64_t>();
-      SSMX_REQUIRE(v == 0 || bytes <= std::uint64_t(std::numeric_limits<std::int64_t>::max()) / v, IOError, at,
-                   "field \"shape\" ", detail::json_excerpt(sh), " is too large (the byte count overflows)");
+    for (std::size_t k = 0; k < sh.size(); ++k) {
+      const auto v = sh[k].get<std::uint64_t>();
+      // Each extent on its own: after a 0 the product stays 0, whatever follows.
+      SSMX_REQUIRE(v <= int64_max, IOError, at, "field \"shape\": extent ", k, " is ", v,
+                   ", which does not fit int64 (at most ", int64_max, ")");
+      SSMX_REQUIRE(v == 0 || bytes <= int64_max / v, IOError, at, "field \"shape\" ", detail::json_excerpt(sh),
+                   " is too large (the byte count overflows)");
       bytes *= v;
       t.shape.push_back(std::int64_t(v));
     }
@@ -530,7 +431,7 @@ class SafetensorsFile {
                  dtype_name(dtype_v<T>), " (readable: F32, F64, BF16, F16)");
     std::vector<unsigned char> raw(std::size_t(ti.end - ti.begin));
     detail::pread_all(fd_.get(), raw.data(), raw.size(), data_start_ + ti.begin, path_,
-                      detail::str("tensor \"", ti.name, "\""));
+                      detail::str("tensor \"", detail::printable(ti.name), "\""));
     const auto bytes = std::size_t(dtype_size(*d));
     for (std::size_t k = 0; k * bytes < raw.size(); ++k) {
       const T x = detail::decode<T>(raw.data() + k * bytes, *d);
