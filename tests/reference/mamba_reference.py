@@ -7,12 +7,14 @@ The forward pass, summed cross-entropy loss and parameter gradients of a
 Mamba-1 causal LM with the semantics of Hugging Face transformers'
 ``MambaForCausalLM`` "slow path" (``MambaMixer.slow_forward``), no cache,
 initial SSM/conv state zero, ``use_bias=False``, ``use_conv_bias=True``,
-tied LM head:
+tied or untied LM head:
 
     h = E[tokens]                                    backbone.embeddings.weight [V, D]
     for each layer i:
         h = h + mixer_i(rmsnorm(h) * norm_i.weight)  backbone.layers.i.norm.weight [D]
-    logits = (rmsnorm(h) * norm_f.weight) @ E^T      backbone.norm_f.weight [D]
+    logits = (rmsnorm(h) * norm_f.weight) @ H^T      backbone.norm_f.weight [D]
+        H = E (tied), or lm_head.weight [V, D] (untied: nn.Linear(D, V).weight, as
+        both MambaForCausalLM and mamba_ssm's MambaLMHeadModel store it)
     loss = SUM_{t: target[t] != -1} cross_entropy(logits[t], target[t])
 
     rmsnorm(x) = x * rsqrt(mean(x^2, -1) + eps)
@@ -48,6 +50,16 @@ the tiny test fixture used by the C++ tests:
     tests/data/mamba_tiny_bf16/config.json       same config, torch_dtype bfloat16
     tests/data/mamba_tiny_bf16/model.safetensors the float32 weights rounded
                                                  (nearest-even) to BF16
+
+and three untied checkpoints, each with config.json, model.safetensors and
+reference.safetensors as above (grad.lm_head.weight is [V, D], as stored):
+
+    tests/data/mamba_untied/         HF layout, V = 32, D = 16
+    tests/data/mamba_untied_square/  HF layout, V = D = 16 (a head loaded the
+                                     wrong way round would still fit)
+    tests/data/mamba_untied_ss/      state-spaces/mamba layout (d_model, n_layer,
+                                     ssm_cfg, backbone.embedding.weight), V = D = 16:
+                                     vocab_size 13 padded to pad_vocab_size_multiple 8
 
 Before writing anything it runs self-checks (and aborts if one fails):
   * sequential scan loop vs. an independent closed-form (segment-sum /
@@ -94,6 +106,10 @@ TINY = OrderedDict(
     time_step_rank=2,
     layer_norm_epsilon=1e-5,
 )
+# Untied heads; "layout" says which config.json and embedding name to write.
+UNTIED = OrderedDict(TINY, tie=False, layout="hf")
+UNTIED_SQUARE = OrderedDict(TINY, vocab_size=16, tie=False, layout="hf")
+UNTIED_SS = OrderedDict(TINY, vocab_size=16, tie=False, layout="ss", ss_vocab_size=13, ss_pad=8)
 BATCH = 2
 SEQ = 24
 SEED = 20240611
@@ -103,7 +119,12 @@ def derived(cfg):
     E = cfg["expand"] * cfg["hidden_size"]
     return dict(V=cfg["vocab_size"], D=cfg["hidden_size"], K=cfg["num_hidden_layers"],
                 N=cfg["state_size"], E=E, W=cfg["conv_kernel"], R=cfg["time_step_rank"],
-                eps=cfg["layer_norm_epsilon"])
+                eps=cfg["layer_norm_epsilon"], tie=cfg.get("tie", True),
+                layout=cfg.get("layout", "hf"))
+
+
+def embedding_name(cfg):
+    return "backbone.embedding.weight" if cfg.get("layout", "hf") == "ss" else "backbone.embeddings.weight"
 
 
 def hf_config(cfg, torch_dtype):
@@ -124,7 +145,7 @@ def hf_config(cfg, torch_dtype):
         ("use_bias", False),
         ("use_conv_bias", True),
         ("hidden_act", "silu"),
-        ("tie_word_embeddings", True),
+        ("tie_word_embeddings", d["tie"]),
         ("residual_in_fp32", True),
         ("initializer_range", 0.1),
         ("time_step_scale", 1.0),
@@ -142,8 +163,29 @@ def hf_config(cfg, torch_dtype):
     ])
 
 
-def param_names(K):
-    names = ["backbone.embeddings.weight"]
+def ss_config(cfg):
+    """state-spaces/mamba config.json content (mamba_ssm's MambaConfig fields)."""
+    d = derived(cfg)
+    assert d["eps"] == 1e-5  # the layout has no epsilon field: mamba_ssm's default
+    return OrderedDict([
+        ("d_model", d["D"]),
+        ("d_intermediate", 0),
+        ("n_layer", d["K"]),
+        ("vocab_size", cfg["ss_vocab_size"]),
+        ("ssm_cfg", OrderedDict([("layer", "Mamba1"), ("d_state", d["N"]), ("d_conv", d["W"]),
+                                 ("expand", cfg["expand"]), ("dt_rank", d["R"])])),
+        ("attn_layer_idx", []),
+        ("attn_cfg", OrderedDict()),
+        ("rms_norm", True),
+        ("residual_in_fp32", True),
+        ("fused_add_norm", True),
+        ("pad_vocab_size_multiple", cfg["ss_pad"]),
+        ("tie_embeddings", d["tie"]),
+    ])
+
+
+def param_names(K, cfg=TINY):
+    names = [embedding_name(cfg)]
     for i in range(K):
         p = "backbone.layers.%d." % i
         names.append(p + "norm.weight")
@@ -151,6 +193,8 @@ def param_names(K):
                   "dt_proj.weight", "dt_proj.bias", "A_log", "D", "out_proj.weight"):
             names.append(p + "mixer." + s)
     names.append("backbone.norm_f.weight")
+    if not cfg.get("tie", True):
+        names.append("lm_head.weight")
     return names
 
 
@@ -171,7 +215,7 @@ def init_params(cfg, seed=SEED):
         return (torch.rand(*shape, generator=g, dtype=torch.float64) * 2.0 - 1.0) * bound
 
     p = OrderedDict()
-    p["backbone.embeddings.weight"] = normal((V, D), 0.5)
+    p[embedding_name(cfg)] = normal((V, D), 0.5)
     for i in range(K):
         pre = "backbone.layers.%d." % i
         p[pre + "norm.weight"] = 1.0 + normal((D,), 0.1)
@@ -189,7 +233,9 @@ def init_params(cfg, seed=SEED):
         p[m + "D"] = 1.0 + normal((E,), 0.1)
         p[m + "out_proj.weight"] = uniform((D, E), 1.0 / math.sqrt(E))
     p["backbone.norm_f.weight"] = 1.0 + normal((D,), 0.1)
-    assert list(p.keys()) == param_names(K)
+    if not d["tie"]:
+        p["lm_head.weight"] = normal((V, D), 0.5)  # nn.Linear(D, V).weight
+    assert list(p.keys()) == param_names(K, cfg)
     return OrderedDict((k, v.to(torch.float32).contiguous()) for k, v in p.items())
 
 
@@ -286,14 +332,15 @@ def mixer(u, p, pre, d, scan=scan_sequential, conv=causal_conv_shift):
 def forward(p, input_ids, cfg, scan=scan_sequential, conv=causal_conv_shift):
     """Returns logits [B, T, V]."""
     d = derived(cfg)
-    emb = p["backbone.embeddings.weight"]
+    emb = p[embedding_name(cfg)]
     h = emb[input_ids]
     for i in range(d["K"]):
         pre = "backbone.layers.%d." % i
         h = h + mixer(rmsnorm(h, p[pre + "norm.weight"], d["eps"]), p, pre + "mixer.", d,
                       scan=scan, conv=conv)
     h = rmsnorm(h, p["backbone.norm_f.weight"], d["eps"])
-    return h @ emb.t()
+    head = emb if d["tie"] else p["lm_head.weight"]
+    return h @ head.t()
 
 
 def summed_ce(logits, targets):
@@ -488,6 +535,64 @@ def _write_config(path, cfg, torch_dtype):
         f.write("\n")
 
 
+def _write_ss_config(path, cfg):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        json.dump(ss_config(cfg), f, indent=2)
+        f.write("\n")
+
+
+def write_reference(path, p32, input_ids, targets, cfg, description):
+    """reference.safetensors: inputs, float64 logits, loss and gradients."""
+    logits, loss, grads = loss_and_grads(p32, input_ids, targets, cfg)
+    ref = OrderedDict()
+    ref["input_ids"] = input_ids
+    ref["targets"] = targets
+    ref["logits"] = logits
+    ref["loss"] = loss.reshape(1)
+    for k, g in grads.items():
+        ref["grad." + k] = g
+    ref_meta = OrderedDict([
+        ("format", "pt"),
+        ("description", description),
+        ("generator", "tests/reference/mamba_reference.py"),
+    ])
+    save_safetensors(path, ref, ref_meta)
+    rback, _ = load_safetensors(path)
+    assert all(torch.equal(rback[k], ref[k]) for k in ref)
+    return logits, loss
+
+
+def make_untied_fixture(out_dir, name, cfg, check=True, write=True):
+    """An untied checkpoint (HF or state-spaces layout) and its float64 reference."""
+    p32 = init_params(cfg, seed=SEED + 10)
+    input_ids, targets = make_batch(cfg, seed=SEED + 11)
+    if check:
+        ok, res = self_check(p32, input_ids, targets, cfg, n_fd=len(p32) + 2, verbose=False)
+        print("self-check %s: fd max err / tol %.3e, direction %.3e" %
+              (name, res["fd_max_err_over_tol"], res["fd_direction_max_rel_err"]))
+        if not ok:
+            print("SELF-CHECK FAILED (%s)" % name, file=sys.stderr)
+            sys.exit(1)
+    if not write:
+        return
+    d = derived(cfg)
+    out = os.path.join(out_dir, name)
+    if d["layout"] == "ss":
+        _write_ss_config(os.path.join(out, "config.json"), cfg)
+    else:
+        _write_config(os.path.join(out, "config.json"), cfg, "float32")
+    save_safetensors(os.path.join(out, "model.safetensors"), p32, {"format": "pt"})
+    back, _ = load_safetensors(os.path.join(out, "model.safetensors"))
+    assert list(back.keys()) == list(p32.keys()) and all(torch.equal(back[k], p32[k]) for k in p32)
+    _, loss = write_reference(
+        os.path.join(out, "reference.safetensors"), p32, input_ids, targets, cfg,
+        "float64 reference of MambaForCausalLM slow path with an untied head "
+        "(logits = h @ lm_head.weight^T, lm_head.weight [V, D]) from float32 weights; "
+        "loss = sum of CE over targets != -1; grad.X = d(loss)/dX; initial state zero")
+    print("wrote %s (%s layout, V = %d, D = %d, loss = %.15g)" % (out, d["layout"], d["V"], d["D"], loss.item()))
+
+
 def make_fixture(out_dir=None, cfg=TINY, check=True, write=True):
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -505,7 +610,10 @@ def make_fixture(out_dir=None, cfg=TINY, check=True, write=True):
             print("SELF-CHECK FAILED", file=sys.stderr)
             sys.exit(1)
         print("self-check OK")
+    untied = [("mamba_untied", UNTIED), ("mamba_untied_square", UNTIED_SQUARE), ("mamba_untied_ss", UNTIED_SS)]
     if not write:
+        for name, c in untied:
+            make_untied_fixture(out_dir, name, c, check=check, write=False)
         return
 
     logits, loss, grads = loss_and_grads(p32, input_ids, targets, cfg)
@@ -545,6 +653,9 @@ def make_fixture(out_dir=None, cfg=TINY, check=True, write=True):
     assert all(torch.equal(rback[k], ref[k]) for k in ref)
     print("wrote %s (loss = %.15g, %d valid targets, logits %s)"
           % (out_dir, loss.item(), int((targets != -1).sum()), tuple(logits.shape)))
+
+    for name, c in untied:
+        make_untied_fixture(out_dir, name, c, check=check)
 
 
 def main(argv=None):

@@ -1,6 +1,7 @@
 // ssmx — Hugging Face-style checkpoint directories: config.json, and the weights in
 // model.safetensors or in shards listed by model.safetensors.index.json. load_parameters()
-// maps a model's parameter names to the names in the file and copies the tensors in.
+// maps a model's parameter names to the names in the file (and matrices stored transposed
+// to ours) and copies the tensors in.
 //
 // Generic on purpose: the name and config mapping of a particular architecture lives with
 // that model (e.g. nn/mamba.hpp). Needs nlohmann_json (CMake target ssmx::io).
@@ -137,19 +138,33 @@ class SafetensorsShards {
 
 // Our parameter name -> the tensor name in the file. Empty: the names are the same.
 using NameMap = std::function<std::string(const std::string&)>;
+// Whether the file stores our parameter (by our name) transposed: a matrix [a, b] of ours
+// is [b, a] in the file. PyTorch's nn.Linear keeps its weight as [out, in], e.g. the LM
+// head of a Hugging Face model as [vocab, d_model] where ssmx has [d_model, vocab].
+using TransposedMap = std::function<bool(const std::string&)>;
 
 namespace detail {
+
+// `t` (rank 2) viewed as its transpose, without a copy.
+template <class T>
+TensorView<T> transposed_view(Tensor<T>& t) {
+  const auto st = t.view().strides();
+  return TensorView<T>(t.data(), Dims{t.dims()[1], t.dims()[0]}, {st[1], st[0], 0, 0});
+}
+
+inline Dims reversed(const Dims& d) { return d.rank == 2 ? Dims{d[1], d[0]} : d; }
 
 // load_parameters over any source: find(name) gives the file holding tensor `name`, or null.
 template <class T, class Find>
 std::vector<std::string> load_parameters_from(Find&& find, const std::string& source,
                                               const std::vector<std::string>& all_names, const ParameterList<T>& params,
-                                              const NameMap& name_in_file) {
+                                              const NameMap& name_in_file, const TransposedMap& transposed_in_file) {
   static_assert(is_compute_type_v<T>, "load_parameters: T must be float or double");
   struct Item {
     Parameter<T>* param;
     std::string name;  // in the file
     const SafetensorsFile* file;
+    bool transposed;
   };
   std::vector<Item> items;
   std::vector<std::string> missing;
@@ -157,11 +172,14 @@ std::vector<std::string> load_parameters_from(Find&& find, const std::string& so
     Parameter<T>* p = params[k];
     SSMX_REQUIRE(p != nullptr, ValueError, "load_parameters: parameter ", k, " of the list is null");
     std::string name = name_in_file ? name_in_file(p->name) : p->name;
+    const bool transposed = transposed_in_file && transposed_in_file(p->name);
+    SSMX_REQUIRE(!transposed || p->value.dims().rank == 2, ValueError, "load_parameters: parameter \"", p->name,
+                 "\" has shape ", p->value.dims().str(), "; only a matrix can be stored transposed");
     const SafetensorsFile* f = find(name);
     if (!f)
-      missing.push_back(str("\"", name, "\" (for parameter \"", p->name, "\")"));
+      missing.push_back(str("\"", printable(name), "\" (for parameter \"", p->name, "\")"));
     else
-      items.push_back(Item{p, std::move(name), f});
+      items.push_back(Item{p, std::move(name), f, transposed});
   }
   if (!missing.empty()) {
     std::string list;
@@ -171,19 +189,21 @@ std::vector<std::string> load_parameters_from(Find&& find, const std::string& so
   }
   for (const auto& it : items) {
     const TensorInfo& ti = it.file->info(it.name);
-    SSMX_REQUIRE(same_shape(ti.shape, it.param->value.dims()), ShapeError, it.file->path(), ": tensor \"", it.name,
-                 "\" has shape ", ti.shape_str(), ", but parameter \"", it.param->name, "\" has shape ",
-                 it.param->value.dims().str());
-    SSMX_REQUIRE(ti.float_dtype().has_value(), ValueError, it.file->path(), ": tensor \"", it.name, "\" has dtype ",
-                 ti.dtype, ", expected a floating dtype (F32, F64, BF16 or F16) for parameter \"", it.param->name,
-                 "\"");
+    const Dims& ours = it.param->value.dims();
+    const Dims want = it.transposed ? reversed(ours) : ours;
+    SSMX_REQUIRE(same_shape(ti.shape, want), ShapeError, it.file->path(), ": tensor \"", printable(it.name),
+                 "\" has shape ", ti.shape_str(), ", but parameter \"", it.param->name, "\" has shape ", ours.str(),
+                 it.transposed ? str(", stored transposed: expected ", want.str()) : std::string());
+    SSMX_REQUIRE(ti.float_dtype().has_value(), ValueError, it.file->path(), ": tensor \"", printable(it.name),
+                 "\" has dtype ", ti.dtype, ", expected a floating dtype (F32, F64, BF16 or F16) for parameter \"",
+                 it.param->name, "\"");
   }
   // Read everything before the first write, so that a bad value leaves the model as it was.
   std::vector<Tensor<T>> loaded;
   loaded.reserve(items.size());
   for (const auto& it : items) {
     loaded.emplace_back(it.param->value.dims(), Tag::Workspace);
-    it.file->template read<T>(it.name, loaded.back().view());
+    it.file->template read<T>(it.name, it.transposed ? transposed_view(loaded.back()) : loaded.back().view());
   }
   std::set<std::string> used;
   for (std::size_t k = 0; k < items.size(); ++k) {
@@ -200,29 +220,32 @@ std::vector<std::string> load_parameters_from(Find&& find, const std::string& so
 }  // namespace detail
 
 // Loads every parameter of `params` from the tensor name_in_file(parameter name) (the same
-// name when name_in_file is empty), converting F32/F64/BF16/F16 to T. Validates all of it
-// first: every tensor present (the error lists the missing ones and the file), shapes
-// equal, float dtypes, finite values; a failed load leaves the parameters untouched.
+// name when name_in_file is empty), converting F32/F64/BF16/F16 to T; a matrix for which
+// transposed_in_file(parameter name) holds is stored transposed in the file. Validates all
+// of it first: every tensor present (the error lists the missing ones and the file),
+// shapes equal, float dtypes, finite values; a failed load leaves the parameters untouched.
 // Holds one extra copy of the parameters while loading. Several parameters may map to the
 // same tensor (tied weights). Returns the file's tensors that no parameter used, sorted,
 // so that a caller can insist on an exact match.
 template <class T>
 std::vector<std::string> load_parameters(const SafetensorsFile& file, const ParameterList<T>& params,
-                                         const NameMap& name_in_file = {}) {
+                                         const NameMap& name_in_file = {},
+                                         const TransposedMap& transposed_in_file = {}) {
   std::vector<std::string> names;
   for (const auto& t : file.tensors()) names.push_back(t.name);
   std::sort(names.begin(), names.end());
   return detail::load_parameters_from<T>([&](const std::string& n) { return file.has(n) ? &file : nullptr; },
-                                         file.path(), names, params, name_in_file);
+                                         file.path(), names, params, name_in_file, transposed_in_file);
 }
 
 // The same from a sharded (or single-file) Hugging Face checkpoint.
 template <class T>
 std::vector<std::string> load_parameters(const SafetensorsShards& shards, const ParameterList<T>& params,
-                                         const NameMap& name_in_file = {}) {
+                                         const NameMap& name_in_file = {},
+                                         const TransposedMap& transposed_in_file = {}) {
   return detail::load_parameters_from<T>(
       [&](const std::string& n) { return shards.has(n) ? &shards.file_of(n) : nullptr; }, shards.path(), shards.names(),
-      params, name_in_file);
+      params, name_in_file, transposed_in_file);
 }
 
 }  // namespace ssmx::io
