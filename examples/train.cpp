@@ -13,6 +13,16 @@
 // plot.png (gnuplot) or plot.svg. A fresh run never writes into a directory holding another
 // run's files. SIGINT/SIGTERM/SIGUSR1: the current step finishes, a checkpoint is saved, exit 0.
 //
+// Failures leave a directory that can be resumed or reused. A directory holds a run once
+// the run's first checkpoint exists: a run that fails before that removes what it created,
+// and the files of one killed before that are replaced by the same command. A step that
+// fails later (a non-finite loss or gradient, out of memory; one process) changes nothing,
+// so the run saves that last good state, writes its summary and exits 1. --resume of a
+// finished run, or with --until behind the run, says there is nothing to do and changes no
+// file. On resume, metrics lines past the checkpoint's step (to be written again) are
+// dropped first, atomically, so metrics.jsonl holds one line per step however often the run
+// was killed.
+//
 // Resuming is exact: a run stopped at step s and resumed logs the same losses, bit for bit,
 // as one that never stopped. A checkpoint holds the parameters, the optimiser state, the
 // step, the data cursor (the packer's state; the recall task draws step s's batch from
@@ -51,6 +61,7 @@
 #endif
 
 #include <ssmx/io/checkpoint.hpp>
+#include <ssmx/io/json.hpp>
 #include <ssmx/ssmx.hpp>
 
 #include "train/config.hpp"
@@ -132,6 +143,7 @@ struct Session {
   std::string out, checkpoint_dir;
   std::optional<std::string> resume_from;  // the checkpoint to continue from
   std::int64_t keep_checkpoints = 3;
+  bool replaces_unsaved_start = false;  // --out holds the files of a start that never saved a checkpoint
 };
 
 struct Eval {
@@ -183,6 +195,93 @@ void prune_checkpoints(const std::string& dir, std::int64_t step, std::int64_t k
   for (const auto& [s, path] : parts)
     if (std::find(kept.begin(), kept.end(), s) == kept.end()) fs::remove(path, ec);
 }
+
+// Copies of `src` (empty tensors stay empty).
+template <class U>
+void copy_tensors(const std::vector<ssmx::Tensor<U>>& src, std::vector<ssmx::Tensor<U>>& dst) {
+  dst.clear();
+  for (const auto& t : src) dst.push_back(t.clone());
+}
+
+// A temporary file AtomicFile leaves behind when the process is killed while writing:
+// "<name>.tmp.<pid>.<n>".
+bool is_stale_temporary(const std::string& name) {
+  const auto at = name.find(".tmp.");
+  if (at == std::string::npos || at == 0) return false;
+  const std::string rest = name.substr(at + 5);
+  const auto dot = rest.find('.');
+  return dot != std::string::npos && dot > 0 && dot + 1 < rest.size() &&
+         std::all_of(rest.begin(), rest.end(), [](char c) { return c == '.' || (c >= '0' && c <= '9'); });
+}
+
+// Removes the temporaries of killed writes in `dir` (this run's files only: one run owns
+// its directories, and no write is in flight when this is called).
+void remove_stale_temporaries(const std::string& dir) {
+  std::error_code ec;
+  for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (is_stale_temporary(name) && it->is_regular_file(ec)) fs::remove(it->path(), ec);
+  }
+}
+
+// The files a fresh run writes into --out, besides its checkpoints.
+const char* const run_files[] = {"metrics.jsonl", "summary.json", "config.json", "plot.svg", "plot.png"};
+
+// Whether `out` holds the start of a run by this trainer that never saved a checkpoint (it
+// failed or was killed first): its config.json is one the trainer wrote.
+bool is_unsaved_start(const Session& s) {
+  if (ssmx::io::latest_checkpoint(s.checkpoint_dir)) return false;
+  const std::string config = s.out + "/config.json";
+  try {
+    const nlohmann::json c = ssmx::io::read_json(config, 1 << 20);
+    return c.is_object() && c.contains("checkpoint_dir") && c.contains("model") && c.contains("strategy") &&
+           c.contains("steps");
+  } catch (const ssmx::Error&) {
+    return false;  // absent, or not ours
+  }
+}
+
+// Removes what such a start left: its run files and stale temporaries.
+void remove_unsaved_start(const Session& s) {
+  std::error_code ec;
+  for (const char* name : run_files) fs::remove(fs::path(s.out) / name, ec);
+  remove_stale_temporaries(s.out);
+  remove_stale_temporaries(s.checkpoint_dir);
+}
+
+// What a fresh run created: removed again when the run ends (an exception) before its first
+// checkpoint, so that the same command can simply be run again. keep() once one is saved.
+class FreshRunFiles {
+ public:
+  FreshRunFiles() = default;
+  FreshRunFiles(const FreshRunFiles&) = delete;
+  FreshRunFiles& operator=(const FreshRunFiles&) = delete;
+  ~FreshRunFiles() {  // best effort, never throws
+    try {
+      std::error_code ec;
+      for (const auto& f : files_) fs::remove(f, ec);
+      for (const auto& d : dirs_) {
+        remove_stale_temporaries(d);
+        if (fs::is_directory(d, ec) && fs::is_empty(d, ec)) fs::remove(d, ec);
+      }
+    } catch (...) {
+    }
+  }
+  // Notes which of the directories do not exist yet (they will be created).
+  void track_directories(const std::string& out, const std::string& checkpoint_dir) {
+    std::error_code ec;
+    for (const std::string& d : {checkpoint_dir, out})
+      if (fs::symlink_status(d, ec).type() == fs::file_type::not_found) dirs_.push_back(d);
+  }
+  void track(const std::string& file) { files_.push_back(file); }
+  void keep() {
+    files_.clear();
+    dirs_.clear();
+  }
+
+ private:
+  std::vector<std::string> files_, dirs_;
+};
 
 template <class Layer, index_t K>
 int run(Config& cfg, Data& data, const Session& session, Group& group) {
@@ -297,20 +396,52 @@ int run(Config& cfg, Data& data, const Session& session, Group& group) {
   group.check_same("the step to start from", std::uint64_t(step));
   group.check_same_layout(model.parameters());
 
+  const std::int64_t last = cfg.until > 0 ? std::min(cfg.until, cfg.steps) : cfg.steps;
+  if (session.resume_from && step >= last) {  // a finished run, or --until behind it: no file changes
+    if (root) {
+      if (cfg.until > 0 && cfg.until < cfg.steps)
+        std::printf("nothing to do: the run in %s is at step %ld, and --until %ld is not after it\n",
+                    session.out.c_str(), long(step), long(cfg.until));
+      else
+        std::printf("nothing to do: the run in %s is at step %ld of %ld (pass a larger --steps to continue it)\n",
+                    session.out.c_str(), long(step), long(cfg.steps));
+      std::fflush(stdout);
+    }
+    group.barrier();
+    return 0;
+  }
+
   const std::string metrics_path = session.out + "/metrics.jsonl";
   MetricsFile metrics;
   std::size_t dropped = 0;
+  // A fresh run that fails before its first checkpoint removes what it created; one that is
+  // killed leaves a start that check_fresh recognises and replaces.
+  FreshRunFiles created;
   if (root && session.resume_from) {
+    remove_stale_temporaries(session.out);
+    remove_stale_temporaries(session.checkpoint_dir);
     dropped = metrics.resume(metrics_path, step);
   } else if (root) {
-    fs::create_directories(session.out);
-    metrics.create(metrics_path);
+    if (session.replaces_unsaved_start) {
+      std::printf("note: %s holds the files of a run that stopped before its first checkpoint; starting afresh "
+                  "over them\n", session.out.c_str());
+      remove_unsaved_start(session);
+    }
+    created.track_directories(session.out, session.checkpoint_dir);
+    std::error_code ec;
+    fs::create_directories(session.out, ec);
+    SSMX_REQUIRE(!ec, ssmx::IOError, session.out, ": cannot create the output directory: ", ec.message());
     nlohmann::ordered_json c = cfg.to_json();
     c["out"] = session.out;
     c["checkpoint_dir"] = session.checkpoint_dir;
+    // config.json first: a directory holding it and no checkpoint is a start that can be replaced.
+    created.track(session.out + "/config.json");
     ssmx::io::write_file_atomically(session.out + "/config.json", c.dump(2) + "\n");
+    created.track(metrics_path);
+    metrics.create(metrics_path);
   }
-
+  std::string last_checkpoint;  // written in this invocation
+  std::string failure;          // a step that failed after the last good state was saved
   if (root) {
     std::printf("ssmx %s train: model %s, vocab %ld\n", SSMX_VERSION_STRING, model_text.c_str(), long(data.vocab()));
     std::printf("data: %s\n", data.description().c_str());
@@ -327,8 +458,10 @@ int run(Config& cfg, Data& data, const Session& session, Group& group) {
   }
 
   Progress progress(cfg.print_every, /*bar=*/!group.distributed());
-  std::string last_checkpoint;
   std::int64_t last_saved = session.resume_from ? step : -1;
+  // The data cursor at step cursor_base_step (the start, or the last save).
+  std::string cursor_base = data.cursor();
+  std::int64_t cursor_base_step = step;
   auto save = [&] {
     for (std::size_t i = 0; i < carry_slots.size(); ++i) {
       const CarrySlot& c = carry_slots[i];
@@ -371,6 +504,9 @@ int run(Config& cfg, Data& data, const Session& session, Group& group) {
       write_main();
     }
     last_saved = step;
+    created.keep();  // a run from here on
+    cursor_base = extra["data_cursor"];
+    cursor_base_step = step;
     if (root) prune_checkpoints(session.checkpoint_dir, step, session.keep_checkpoints);
   };
   Eval last_eval;
@@ -392,25 +528,55 @@ int run(Config& cfg, Data& data, const Session& session, Group& group) {
     progress.message(buf);
   };
 
-  const std::int64_t last = cfg.until > 0 ? std::min(cfg.until, cfg.steps) : cfg.steps;
   const auto start = Clock::now();
   auto since_start = [&] { return std::chrono::duration<double>(Clock::now() - start).count(); };
   double run_seconds = 0;  // this invocation's steps
   std::int64_t run_tokens = 0, run_steps = 0;
   std::vector<std::int64_t> run_peaks(std::size_t(group.size()), 0);  // per rank
-  std::string stop_reason = step >= last ? "already done" : cfg.until > 0 && last < cfg.steps ? "until" : "completed";
+  std::string stop_reason = cfg.until > 0 && last < cfg.steps ? "until" : "completed";
   int signal_received = 0, signalled_rank = -1;
   StepData sd;
+  // One process: a step that fails (a non-finite loss or gradient, out of memory) leaves the
+  // parameters and the optimiser as they were; the run then saves that last good state. For
+  // it, the data cursor is rewound (from the last saved cursor, replaying the batches since)
+  // and the carried state is the copy taken before the failed step. (Under --dist the other
+  // ranks need not have failed alike: the job ends instead.)
+  const bool recoverable = !group.distributed();
+  std::vector<ssmx::Tensor<T>> good_states, good_halo;
   {
     StopSignals signals;
     while (step < last) {
       data.next(step, sd);
-      if (data.carries_state()) carry_over(carry, sd.continues, row_begin);
+      if (data.carries_state()) {
+        if (recoverable) {
+          copy_tensors(carry.final_states, good_states);
+          copy_tensors(carry.final_halo, good_halo);
+        }
+        carry_over(carry, sd.continues, row_begin);
+      }
       const double lr = schedule.lr(step);
       std::visit([&](auto& o) { o.set_lr(lr); }, opt);
       ssmx::reset_peak(ssmx::Space::Host);
       const auto t0 = Clock::now();
-      const auto r = train_step(group, model, opt, strategy, sd, cfg.clip, data.carries_state() ? &carry : nullptr);
+      nn::TrainStepResult r;
+      try {
+        r = train_step(group, model, opt, strategy, sd, cfg.clip, data.carries_state() ? &carry : nullptr);
+      } catch (const ssmx::Error& e) {
+        const std::string what = ssmx::detail::str("step ", step + 1, " failed: ", e.what());
+        if (!recoverable || step == 0) throw ssmx::ValueError(what);
+        if (last_saved == step)  // nothing newer than what is on disk
+          throw ssmx::ValueError(ssmx::detail::str(what, "; the checkpoint of step ", step, " is the last good state"));
+        if (data.carries_state()) {
+          data.restore(cursor_base);
+          StepData skipped;
+          for (std::int64_t s = cursor_base_step; s < step; ++s) data.next(s, skipped);
+          carry.final_states = std::move(good_states);
+          carry.final_halo = std::move(good_halo);
+        }
+        failure = what;
+        stop_reason = "failed";
+        break;
+      }
       run_seconds += std::chrono::duration<double>(Clock::now() - t0).count();
       train_seconds += std::chrono::duration<double>(Clock::now() - t0).count();
       ++step;
@@ -468,9 +634,12 @@ int run(Config& cfg, Data& data, const Session& session, Group& group) {
   }
   if (root) progress.finish();
 
-  const bool interrupted = stop_reason == "interrupted";
-  if (!interrupted && last_eval.step != step) evaluate();  // the final evaluation
+  const bool interrupted = stop_reason == "interrupted", failed = stop_reason == "failed";
+  if (!interrupted && !failed && last_eval.step != step) evaluate();  // the final evaluation
   if (last_saved != step) save();
+  if (failed)
+    failure += ssmx::detail::str("; the last good state, step ", step, ", is saved in ", last_checkpoint,
+                                 " (continue it with --out ", session.out, " --resume)");
   const std::int64_t run_peak = *std::max_element(run_peaks.begin(), run_peaks.end());
 
   if (root) {
@@ -524,6 +693,7 @@ int run(Config& cfg, Data& data, const Session& session, Group& group) {
   // Every rank leaves together: a rank lost at the very end is noticed (SSMX_DIST_TIMEOUT)
   // instead of being waited for in MPI_Finalize.
   group.barrier();
+  if (!failure.empty()) throw ssmx::ValueError(failure);
   return 0;
 }
 
@@ -555,15 +725,16 @@ void merge_saved_config(Config& cfg, const CLI::App& app, const nlohmann::json& 
           const nlohmann::json now = *p;
           if (given && now != was && f.on_resume == OnResume::must_match)
             throw UsageError(ssmx::detail::str("--", f.name, " ", now.dump(), " differs from the value the run was started with, ",
-                                               was.dump(), " (saved in ", path, "); a resumed run keeps it: drop the flag, or start a new run with another --out"));
+                                               ssmx::io::detail::json_excerpt(was), " (saved in ", path, "); a resumed run keeps it: drop the flag, or start a new run with another --out"));
           if (given && now != was && std::string(f.name) == "steps")
-            notes.push_back("note: --steps changes from " + was.dump() + " to " + now.dump() +
+            notes.push_back("note: --steps changes from " + ssmx::io::detail::json_excerpt(was) + " to " + now.dump() +
                             "; the learning-rate schedule now spans " + now.dump() + " steps");
           if (!given) {
             try {
               *p = was.get<V>();
             } catch (const nlohmann::json::exception&) {
-              throw ssmx::IOError(ssmx::detail::str(path, ": the saved config's field \"", f.name, "\" is ", was.dump(),
+              throw ssmx::IOError(ssmx::detail::str(path, ": the saved config's field \"", f.name, "\" is ",
+                                                    ssmx::io::detail::json_excerpt(was),
                                                     ", not a ", std::is_same_v<V, std::string> ? "string" : "number"));
             }
           }
@@ -577,7 +748,8 @@ std::int64_t saved_ranks(const nlohmann::json& saved, const std::string& path) {
   if (!saved.contains("ranks")) return 1;
   const auto& r = saved["ranks"];
   SSMX_REQUIRE(r.is_number_integer() && r.get<std::int64_t>() >= 1, ssmx::IOError, path,
-               ": the saved config's field \"ranks\" is ", r.dump(), ", expected an integer >= 1");
+               ": the saved config's field \"ranks\" is ", ssmx::io::detail::json_excerpt(r),
+               ", expected an integer >= 1");
   return r.get<std::int64_t>();
 }
 
@@ -588,18 +760,28 @@ std::string default_out(const Config& c, std::time_t now) {
   return "runs/" + c.model + "-" + kind + "-" + stamp;
 }
 
-// A fresh run must not write over another run's files.
-void check_fresh(const Session& s) {
-  for (const char* name : {"metrics.jsonl", "summary.json", "config.json", "plot.svg", "plot.png"}) {
+// A fresh run must not write over another run's files. A directory counts as holding a run
+// once the run's first checkpoint exists; the files of a start that never got that far (it
+// failed or was killed first) are replaced. Returns whether they are.
+bool check_fresh(const Session& s) {
+  std::error_code ec;
+  SSMX_REQUIRE(fs::symlink_status(s.out, ec).type() == fs::file_type::not_found || fs::is_directory(s.out, ec),
+               UsageError, "--out ", s.out, ": exists and is not a directory");
+  SSMX_REQUIRE(fs::symlink_status(s.checkpoint_dir, ec).type() == fs::file_type::not_found ||
+                   fs::is_directory(s.checkpoint_dir, ec),
+               UsageError, "--checkpoint-dir ", s.checkpoint_dir, ": exists and is not a directory");
+  const bool unsaved = is_unsaved_start(s);
+  for (const char* name : run_files) {
     const fs::path p = fs::path(s.out) / name;
-    SSMX_REQUIRE(!fs::exists(p), UsageError, s.out, " already holds a run (", p.string(),
-                 " exists): pass --resume to continue it, or choose another --out");
+    SSMX_REQUIRE(unsaved || fs::symlink_status(p, ec).type() == fs::file_type::not_found, UsageError, s.out,
+                 " already holds a run (", p.string(), " exists): pass --resume to continue it, or choose another --out");
   }
-  if (fs::is_directory(s.checkpoint_dir)) {
+  if (fs::is_directory(s.checkpoint_dir, ec)) {
     const auto found = ssmx::io::latest_checkpoint(s.checkpoint_dir);
     SSMX_REQUIRE(!found, UsageError, s.checkpoint_dir, " already holds checkpoints (", *found,
                  "): pass --resume to continue that run, or choose another --checkpoint-dir");
   }
+  return unsaved;
 }
 
 // What every rank must be given alike: every flag but --threads (a machine may have other cores).
@@ -626,9 +808,14 @@ int main(int argc, char** argv) {
   }
   app.add_option("--keep-checkpoints", session.keep_checkpoints, "keep the newest N checkpoints (0: all)")
       ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
+      ->check(number_above(true));
   app.add_flag("--resume", resume, "continue the run in --out (or --checkpoint-dir) from its latest checkpoint");
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    const int rc = app.exit(e);  // prints the message (or --help)
+    return rc == 0 ? 0 : 2;       // a usage error, as the others
+  }
 
   std::optional<Group> group;  // MPI, when --dist asks for it
   try {
@@ -648,16 +835,23 @@ int main(int argc, char** argv) {
                    "--resume: pass --out DIR (or --checkpoint-dir DIR) of the run to continue");
       if (cfg.out.empty()) cfg.out = fs::path(cfg.checkpoint_dir).parent_path().string();
       if (cfg.checkpoint_dir.empty()) cfg.checkpoint_dir = cfg.out + "/checkpoints";
+      Session probe;
+      probe.out = cfg.out;
+      probe.checkpoint_dir = cfg.checkpoint_dir;
+      std::string restart;  // what to do instead, when the run never saved a checkpoint
+      if (is_unsaved_start(probe))
+        restart = "; the run in " + cfg.out +
+                  " stopped before its first checkpoint: run the same command without --resume to start it afresh";
       SSMX_REQUIRE(fs::is_directory(cfg.checkpoint_dir), UsageError, "--resume: ", cfg.checkpoint_dir,
-                   " does not exist or is not a directory: no checkpoint to resume from");
+                   " does not exist or is not a directory: no checkpoint to resume from", restart);
       const auto latest = ssmx::io::latest_checkpoint(cfg.checkpoint_dir);
       SSMX_REQUIRE(latest.has_value(), UsageError, "--resume: ", cfg.checkpoint_dir,
-                   " holds no checkpoint (step_*.safetensors)");
+                   " holds no checkpoint (step_*.safetensors)", restart);
       const auto md = ssmx::io::SafetensorsFile::open(*latest).metadata();
       const auto it = md.find("extra.config");
       SSMX_REQUIRE(it != md.end(), ssmx::IOError, *latest,
                    ": field \"__metadata__.extra.config\" is missing: not a checkpoint written by train");
-      const auto saved = nlohmann::json::parse(it->second, nullptr, false);
+      const nlohmann::json saved = ssmx::io::parse_json(it->second, *latest, "field \"__metadata__.extra.config\"");
       SSMX_REQUIRE(saved.is_object(), ssmx::IOError, *latest,
                    ": field \"__metadata__.extra.config\" is not a JSON object");
       merge_saved_config(cfg, app, saved, *latest, notes);
@@ -696,7 +890,7 @@ int main(int argc, char** argv) {
     if (cfg.checkpoint_dir.empty()) cfg.checkpoint_dir = cfg.out + "/checkpoints";
     session.out = cfg.out;
     session.checkpoint_dir = cfg.checkpoint_dir;
-    if (!resume) check_fresh(session);
+    if (!resume) session.replaces_unsaved_start = check_fresh(session);
     SSMX_REQUIRE(cfg.curriculum_start <= cfg.context, UsageError, "--curriculum-start ", cfg.curriculum_start,
                  " exceeds --context ", cfg.context);
 

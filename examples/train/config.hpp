@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include <cstdint>
+#include <cstdlib>
 #include <optional>
 #include <string>
 #include <variant>
@@ -21,6 +22,21 @@ namespace train {
 struct UsageError : ssmx::ValueError {
   using ssmx::ValueError::ValueError;
 };
+
+// A flag's number must be > 0 (or >= 0): CLI11's PositiveNumber says "not in range 0 to
+// 1.797...e308"; this names the bound. Other checks (the conversion) follow.
+inline CLI::Validator number_above(bool or_equal) {
+  return CLI::Validator(
+      [or_equal](std::string& s) -> std::string {
+        char* end = nullptr;
+        const double v = std::strtod(s.c_str(), &end);
+        if (s.empty() || end != s.c_str() + s.size()) return "'" + s + "' is not a number";
+        if (or_equal && !(v >= 0)) return s + " is negative; expected a number >= 0";
+        if (!or_equal && !(v > 0)) return s + " is not > 0";
+        return "";
+      },
+      or_equal ? "NUMBER >= 0" : "NUMBER > 0");
+}
 
 // What a field does when a run is resumed.
 enum class OnResume {
@@ -68,7 +84,7 @@ struct Config {
   double minutes = 0.0;
 
   std::vector<Field> fields() {
-    const auto positive = CLI::PositiveNumber, nonneg = CLI::NonNegativeNumber;
+    const auto positive = number_above(false), nonneg = number_above(true);
     const auto mm = OnResume::must_match, mc = OnResume::may_change, ns = OnResume::not_saved;
     return {
         {"model", &model, mm, "model preset: diagonal-small | diagonal-base | mamba-tiny | mamba-130m",

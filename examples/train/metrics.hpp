@@ -4,6 +4,8 @@
 // Private to examples/train.cpp; include it from there.
 #pragma once
 
+#include <sys/stat.h>
+
 #include <nlohmann/json.hpp>
 
 #include <cerrno>
@@ -15,7 +17,7 @@
 #include <string>
 #include <vector>
 
-#include <ssmx/io/safetensors.hpp>  // write_file_atomically
+#include <ssmx/io/file.hpp>  // write_file_atomically, read_file_bounded
 
 namespace train {
 
@@ -62,24 +64,37 @@ class MetricsFile {
   }
 
   // Continues the file of a resumed run: lines of steps after `step` (written after the
-  // checkpoint being resumed from) are dropped, atomically, then new lines are appended.
-  // Returns the number of lines dropped.
+  // checkpoint being resumed from, and to be written again) and a torn last line are
+  // dropped, atomically, then new lines are appended. Returns the number of lines dropped.
   std::size_t resume(const std::string& path, std::int64_t step) {
     path_ = path;
-    std::ifstream in(path);
-    std::string line, kept;
+    std::string text;
+    std::uint64_t size = 0;
+    std::string why;
+    if (ssmx::io::detail::try_open_regular(path, size, why)) {
+      text = ssmx::io::read_file_bounded(path, max_bytes);
+    } else {
+      struct stat st {};
+      if (::lstat(path.c_str(), &st) == 0 || errno != ENOENT)  // there, but not a file to append to
+        throw ssmx::IOError(ssmx::detail::str(path, ": the metrics file ", why));
+    }
+    std::string kept;
     std::size_t dropped = 0;
-    while (std::getline(in, line)) {
+    for (std::size_t begin = 0; begin < text.size();) {
+      const std::size_t nl = text.find('\n', begin);
+      const bool complete = nl != std::string::npos;
+      const std::string line = text.substr(begin, complete ? nl - begin : std::string::npos);
+      begin = complete ? nl + 1 : text.size();
       const auto j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
       const bool after = j.is_object() && j.contains("step") && j["step"].is_number_integer() &&
                          j["step"].get<std::int64_t>() > step;
-      if (j.is_discarded() || after) {  // a torn last line, or a step the checkpoint does not have
+      if (!complete || j.is_discarded() || after) {  // torn by a kill, or a step the checkpoint does not have
         ++dropped;
         continue;
       }
       kept += line + "\n";
     }
-    if (dropped) ssmx::io::write_file_atomically(path, kept);
+    if (kept != text) ssmx::io::write_file_atomically(path, kept);
     f_ = std::fopen(path.c_str(), "a");
     if (!f_)
       throw ssmx::IOError(ssmx::detail::str(path, ": cannot open the metrics file to append: ", std::strerror(errno)));
@@ -94,6 +109,8 @@ class MetricsFile {
   }
 
   const std::string& path() const { return path_; }
+
+  static constexpr std::uint64_t max_bytes = std::uint64_t(16) << 30;
 
  private:
   std::string path_;

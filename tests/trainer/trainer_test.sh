@@ -14,6 +14,22 @@
 #   expect-error REGEX ARGS...
 #                 `train ARGS...` run in an empty WORK must fail with a message matching
 #                 REGEX and leave WORK empty.
+#   bad-input SETUP CODE REGEX ARGS...
+#                 WORK prepared by SETUP (below), then `train ARGS...` must exit with CODE,
+#                 print a message matching REGEX and change no file in WORK.
+#   kill-resume   a checkpointing run killed (SIGKILL) at 20 random moments, each time
+#                 continued (--resume, or the same command when no checkpoint exists
+#                 yet); every continuation must start, and the end must equal an
+#                 uninterrupted run: parameters, optimiser state and carried state bit for
+#                 bit, and one metrics line per step with the same losses.
+#   nonfinite     a run whose loss turns non-finite after some steps: exit 1 naming the
+#                 step, the last good state saved (equal to a run stopped there on purpose)
+#                 and resumable.
+#   unsaved-start a run that stopped before its first checkpoint (files, no checkpoint):
+#                 --resume says to start afresh and changes nothing; the same command then
+#                 starts afresh over it and gives the same losses as a clean run.
+#   first-step-oom out of memory in the first step (ulimit -v): exit 1, and the run's
+#                 files are removed again (WORK as before); skipped under AddressSanitizer.
 #
 # Several processes (--dist): these modes take the mpiexec command line first, up to `--`
 # (the executable, its process-count flag, then flags such as --oversubscribe); most run
@@ -171,7 +187,181 @@ dist_test() {  # the scheme, then the flags of the run
   echo "PASS: --dist $scheme on 2 ranks: steps 1..$((2 * n)) as one process; resumed bit for bit"
 }
 
+# The data buffer (every tensor's bytes) of a safetensors file.
+data_buffer() { local n; n=$(od -An -t u8 -N8 "$1" | tr -d ' '); tail -c +$((9 + n)) "$1"; }
+# Its header without the fields that differ between identical runs (wall-clock time).
+header_of() {
+  local n; n=$(od -An -t u8 -N8 "$1" | tr -d ' ')
+  head -c $((8 + n)) "$1" | tail -c "$n" | sed -E 's/"extra\.train_seconds":"[^"]*",?//; s/ *$//'
+}
+# Every entry under WORK with its type and, for regular files, its checksum (FIFOs are not read).
+snapshot() {
+  find . -mindepth 1 -printf '%y %p %l\n' | sort
+  find . -type f -print0 | sort -z | xargs -0 -r md5sum
+}
+
+# bad-input setups: what WORK holds before the command.
+small_run() {
+  "$train" --out "$1" --data recall --context 32 --steps 2 --eval-every 0 --checkpoint-every 0 > "$1.log" 2>&1 ||
+    { cat "$1.log"; fail "setup: the run $1 failed"; }
+}
+setup() {
+  case "$1" in
+    none) ;;
+    fifo) mkfifo pipe ;;
+    devzero) ln -s /dev/zero zero ;;
+    file) echo "not a directory" > notadir ;;
+    tokens) make_token_file "$src/README.md" tokens.bin 600 ;;
+    finished) small_run R ;;
+    latest-garbage) small_run R; printf 'step_\033[2J../../etc/passwd\n' > R/checkpoints/latest ;;
+    latest-devzero) small_run R; rm R/checkpoints/latest; ln -s /dev/zero R/checkpoints/latest ;;
+    latest-missing) small_run R; echo step_00000099.safetensors > R/checkpoints/latest ;;
+    checkpoint-truncated) small_run R; truncate -s 100 R/checkpoints/step_00000002.safetensors ;;
+    *) fail "unknown setup $1" ;;
+  esac
+}
+
 case "$mode" in
+  bad-input)
+    what=$1 code=$2 regex=$3
+    shift 3
+    setup "$what"
+    before=$(snapshot)
+    rc=0
+    timeout 60 "$train" "$@" > out.log 2>&1 || rc=$?
+    cat out.log
+    [ $rc -eq "$code" ] || fail "train $* exited with $rc, expected $code"
+    grep -Eq -- "$regex" out.log || fail "the message does not match: $regex"
+    [ "$(snapshot | grep -v ' ./out.log')" = "$(printf '%s\n' "$before" | grep -v ' ./out.log')" ] ||
+      { diff <(printf '%s\n' "$before") <(snapshot) || true; fail "files in WORK changed"; }
+    echo "PASS"
+    ;;
+  kill-resume)
+    # mamba-tiny on text: the carried state and convolution halo, packed data, evaluations
+    # and a checkpoint every 2 steps, so that kills land in steps, evaluations and saves.
+    flags=(--data "text:$src/README.md" --model mamba-tiny --context 16 --batch 2 --steps 300 --checkpoint-every 2
+           --keep-checkpoints 2 --eval-every 10 --val-fraction 0.1 --eval-tokens 64 --print-every 1000)
+    now_ms() { local t=${EPOCHREALTIME/[.,]/}; echo $((t / 1000)); }
+    t0=$(now_ms)
+    "$train" --out A "${flags[@]}" > A.log 2>&1 || { cat A.log; fail "the uninterrupted run failed"; }
+    t1=$(now_ms)
+    "$train" --out A --resume > A2.log 2>&1 || { cat A2.log; fail "--resume of the finished run failed"; }
+    t2=$(now_ms)
+    # Kill moments up to the start-up time (measured by the resume that has nothing to do)
+    # plus about 15 steps, so that kills land in the start, in steps, evaluations and saves,
+    # whatever the speed of the build (a sanitizer build is many times slower).
+    startup=$((t2 - t1)) per_step=$(((t1 - t0 - (t2 - t1)) / 300))
+    [ $per_step -ge 1 ] || per_step=1
+    window=$((startup + 15 * per_step))
+    seed=${SSMX_KILL_SEED:-$RANDOM}
+    RANDOM=$seed
+    echo "start-up ${startup} ms, ${per_step} ms a step: kills within ${window} ms of each start, drawn with seed $seed" \
+      "(SSMX_KILL_SEED=$seed repeats them)"
+    continue_b() {  # the command that continues B: --resume, or the same command while nothing is saved
+      if [ -f B/checkpoints/latest ] || ls B/checkpoints/step_*.safetensors > /dev/null 2>&1; then
+        args=(--out B --resume)
+      else
+        args=(--out B "${flags[@]}")
+      fi
+    }
+    kills=0 starts=0
+    while [ $kills -lt 20 ] && [ $starts -lt 200 ]; do
+      starts=$((starts + 1))
+      continue_b
+      "$train" "${args[@]}" > "B$starts.log" 2>&1 &
+      pid=$!
+      delay=$((RANDOM * 32768 + RANDOM))
+      delay=$((delay % window))
+      sleep "$((delay / 1000)).$(printf '%03d' $((delay % 1000)))"
+      kill -9 $pid 2> /dev/null || true
+      rc=0
+      wait $pid || rc=$?
+      if [ $rc -eq 137 ]; then
+        kills=$((kills + 1))
+      elif [ $rc -ne 0 ]; then
+        cat "B$starts.log"
+        fail "start $starts (${args[*]}) failed with status $rc after $kills kills"
+      elif grep -q "nothing to do" "B$starts.log"; then
+        fail "the run finished after $kills kills; make it longer"
+      fi
+    done
+    [ $kills -eq 20 ] || fail "only $kills kills landed in $starts starts"
+    continue_b
+    "$train" "${args[@]}" > B-last.log 2>&1 || { cat B-last.log; fail "the last continuation failed"; }
+    last=$(printf 'step_%08d.safetensors' 300)
+    cmp <(data_buffer "A/checkpoints/$last") <(data_buffer "B/checkpoints/$last") ||
+      fail "the final parameters, optimiser or carried state differ from the uninterrupted run's"
+    [ "$(header_of "A/checkpoints/$last")" = "$(header_of "B/checkpoints/$last")" ] ||
+      fail "the final checkpoint's metadata (data cursor, tokens, best eval) differs"
+    [ "$(losses B/metrics.jsonl | cut -d' ' -f1 | tr '\n' ' ')" = "$(seq -s ' ' 1 300) " ] ||
+      fail "B/metrics.jsonl does not hold one train line per step 1..300: $(losses B/metrics.jsonl | wc -l) lines"
+    diff <(all_losses A/metrics.jsonl) <(all_losses B/metrics.jsonl) || fail "the losses differ from the uninterrupted run's"
+    ls B/checkpoints | grep -q '\.tmp\.' && fail "temporary files left in B/checkpoints: $(ls B/checkpoints)"
+    echo "PASS: $kills kills in $starts starts; the final state is bit-identical to the uninterrupted run's"
+    ;;
+  nonfinite)
+    # SGD with a huge step: the loss is finite for 3 steps, then not.
+    flags=(--data "text:$src/README.md" --model mamba-tiny --context 16 --batch 2 --steps 50 --optimizer sgd --lr 1000
+           --clip 0 --warmup 0 --schedule constant --eval-every 0 --val-fraction 0 --checkpoint-every 0)
+    rc=0
+    "$train" --out N "${flags[@]}" > N.log 2>&1 || rc=$?
+    cat N.log
+    [ $rc -eq 1 ] || fail "exit status $rc, expected 1"
+    # The step that fails depends on rounding (compiler, flags); it is at least the second.
+    bad=$(sed -nE 's/^train: error: step ([0-9]+) failed: .*/\1/p' N.log)
+    [ -n "$bad" ] && [ "$bad" -ge 2 ] || fail "the message does not name the failed step (after the first)"
+    good=$((bad - 1))
+    ckpt=$(printf 'step_%08d.safetensors' $good)
+    grep -Eq "train: error: step $bad failed: .*non-finite.*; the last good state, step $good, is saved in N/checkpoints/$ckpt" N.log ||
+      fail "the message does not name the saved state"
+    grep -q '"stop_reason": "failed"' N/summary.json || fail "summary.json does not say failed"
+    "$train" --out G "${flags[@]}" --until $good > G.log 2>&1 || { cat G.log; fail "the run stopped at step $good failed"; }
+    cmp <(data_buffer "N/checkpoints/$ckpt") <(data_buffer "G/checkpoints/$ckpt") || fail "the saved state is not that of step $good"
+    [ "$(header_of "N/checkpoints/$ckpt")" = "$(header_of "G/checkpoints/$ckpt")" ] ||
+      fail "the saved data cursor or metadata is not that of step $good"
+    rc=0
+    "$train" --out N --resume > N2.log 2>&1 || rc=$?
+    cat N2.log
+    grep -q "resuming from N/checkpoints/$ckpt at step $good" N2.log || fail "did not resume at step $good"
+    [ $rc -eq 1 ] && grep -q "step $bad failed: .*; the checkpoint of step $good is the last good state" N2.log ||
+      fail "the resumed run did not fail at step $bad again"
+    echo "PASS"
+    ;;
+  unsaved-start)
+    common=(--data recall --context 32 --steps 4 --eval-every 2 --checkpoint-every 0)
+    "$train" --out C "${common[@]}" > C.log 2>&1 || { cat C.log; fail "the clean run failed"; }
+    "$train" --out U "${common[@]}" > U1.log 2>&1 || { cat U1.log; fail "the first run failed"; }
+    rm -r U/checkpoints  # as if it had been killed before its first checkpoint
+    echo '{"type":"train","step":1,"lo' >> U/metrics.jsonl  # and torn a line
+    before=$(snapshot)
+    rc=0
+    "$train" --out U --resume > U2.log 2>&1 || rc=$?
+    cat U2.log
+    [ $rc -eq 2 ] || fail "--resume of a run without a checkpoint: exit status $rc, expected 2"
+    grep -q "the run in U stopped before its first checkpoint: run the same command without --resume" U2.log ||
+      fail "--resume does not say how to restart"
+    [ "$(snapshot | grep -v 'U2.log')" = "$(printf '%s\n' "$before" | grep -v 'U2.log')" ] || fail "--resume changed files"
+    "$train" --out U "${common[@]}" > U3.log 2>&1 || { cat U3.log; fail "the same command over the unsaved start failed"; }
+    cat U3.log
+    grep -q "note: U holds the files of a run that stopped before its first checkpoint; starting afresh" U3.log ||
+      fail "no note that the old files are replaced"
+    diff <(all_losses C/metrics.jsonl) <(all_losses U/metrics.jsonl) || fail "the restarted run differs from a clean one"
+    echo "PASS"
+    ;;
+  first-step-oom)
+    if ldd "$train" 2> /dev/null | grep -q libasan; then
+      echo "skipped: ulimit -v does not go with AddressSanitizer's shadow memory"
+      exit 0
+    fi
+    rc=0
+    (ulimit -v 2000000 && "$train" --out O --data recall --context 20000000 --eval-sequences 1 --steps 3 \
+      --eval-every 0 > O.log 2>&1) || rc=$?
+    cat O.log
+    [ $rc -eq 1 ] || fail "exit status $rc, expected 1"
+    grep -q "train: error: step 1 failed: out of memory" O.log || fail "no out-of-memory message naming the step"
+    [ ! -e O ] || fail "the failed run left files: $(find O)"
+    echo "PASS"
+    ;;
   dist-data)
     dist_test data --data "text:$src/README.md" --model mamba-tiny --strategy truncated --window 16 --context 32 \
       --batch 4 --val-fraction 0.1 --eval-tokens 256
