@@ -15,6 +15,7 @@ SSMX_DEB_PACKAGES=(
   nlohmann-json3-dev     # checkpoint metadata (optional for now)
   libcli11-dev           # examples' command lines (optional for now)
   python3-torch          # reference numbers for cross-checks
+  clang libclang-rt-14-dev  # fuzzing: clang++ -fsanitize=fuzzer (libFuzzer's runtime is in libclang-rt-14-dev)
 )
 
 ssmx_install_deps() {
