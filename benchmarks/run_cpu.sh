@@ -48,7 +48,7 @@ if [[ -z "${PYTHON:-}" ]]; then
   exit 1
 fi
 
-echo "== build (Release, portable flags) -> $build"
+echo "== build (Release; the ISA of SSMX_ARCH, native unless the build dir says otherwise) -> $build"
 cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DSSMX_BUILD_TESTS=OFF -DSSMX_BUILD_EXAMPLES=OFF \
   -DSSMX_BUILD_BENCHMARKS=ON >/dev/null
 cmake --build "$build" -j"$(nproc)" --target bench_memory bench_throughput

@@ -19,8 +19,8 @@ function(ssmx_detect_cuda out_var)
 endfunction()
 
 # ssmx_add_program(<name> <what> <sources...>): an executable of ssmx's own (example,
-# benchmark) linking ssmx::ssmx, and ssmx::cuda when a source is .cu. Without
-# SSMX_ENABLE_CUDA a CUDA program is skipped with a status message; callers test
+# benchmark) linking ssmx::ssmx, and ssmx::cuda when a source is .cu, built for SSMX_ARCH.
+# Without SSMX_ENABLE_CUDA a CUDA program is skipped with a status message; callers test
 # `if(TARGET <name>)`.
 function(ssmx_add_program name what)
   set(sources ${ARGN})
@@ -41,4 +41,5 @@ function(ssmx_add_program name what)
     target_compile_options(${name} PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:--extended-lambda --expt-relaxed-constexpr>)
   endif()
   ssmx_target_warnings(${name})
+  ssmx_target_arch(${name})
 endfunction()

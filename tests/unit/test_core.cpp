@@ -1,12 +1,17 @@
-// Tests of ssmx/core: Dims and Shape, Tensor and TensorView, the tracked allocator and
-// Buffer, the 16-bit storage types, error messages, Eigen interop.
+// Tests of ssmx/core: Dims and Shape, Tensor and TensorView, the tracked allocator, its host
+// cache and Buffer, the 16-bit storage types, error messages, Eigen interop.
 #include "support/test_support.hpp"
 
+#include <algorithm>
 #include <cstring>
 #include <limits>
 #include <string>
 #include <utility>
 #include <vector>
+
+#if defined(_OPENMP) && !SSMX_TEST_CUDA
+#include <omp.h>
+#endif
 
 namespace test_core {
 
@@ -344,6 +349,224 @@ TEST_CASE("core: Buffer is move-only and releases exactly once") {
   Buffer<float> zero(0, Space::Host, Tag::Workspace);
   CHECK(zero.data() == nullptr);
 }
+
+// ---- the host allocation cache --------------------------------------------------------------
+
+namespace test_core {
+
+// Sets the host cache to `limit` bytes, empty, for one test; restores the limit after.
+struct CacheScope {
+  std::size_t saved = cache_stats().limit;
+  explicit CacheScope(std::size_t limit) {
+    release_cached_memory();
+    set_host_cache_limit(limit);
+  }
+  ~CacheScope() {
+    release_cached_memory();
+    set_host_cache_limit(saved);
+  }
+};
+
+inline constexpr std::size_t MiB = std::size_t(1) << 20;
+
+}  // namespace test_core
+
+TEST_CASE("core: the host cache hands a freed block to the next request of its size class") {
+  using namespace test_core;
+  CacheScope scope(64 * MiB);
+  const auto s0 = cache_stats();
+  CHECK(s0.retained == 0);
+  CHECK(s0.limit == 64 * MiB);
+
+  // Large requests round up to pages: 1 MiB and 1 MiB - 100 bytes share a block.
+  void* big = allocate(MiB, Space::Host, Tag::Workspace);
+  std::memset(big, 1, MiB);
+  deallocate(big, MiB, Space::Host, Tag::Workspace);
+  CHECK(cache_stats().retained == MiB);
+  CHECK(cache_stats().blocks == 1);
+  void* again = allocate(MiB - 100, Space::Host, Tag::Activations);
+  CHECK(again == big);
+  CHECK(cache_stats().hits == s0.hits + 1);
+  CHECK(cache_stats().retained == 0);
+  CHECK(reinterpret_cast<std::uintptr_t>(again) % detail::host_alignment == 0);
+
+  // Another class misses, and gets a block of its own while the first is live.
+  void* other = allocate(2 * MiB, Space::Host, Tag::Workspace);
+  CHECK(other != again);
+  CHECK(cache_stats().misses == s0.misses + 2);
+  deallocate(other, 2 * MiB, Space::Host, Tag::Workspace);
+  deallocate(again, MiB - 100, Space::Host, Tag::Activations);
+  CHECK(cache_stats().retained == 3 * MiB);
+
+  // Small requests round up to 64 bytes: 100 and 120 bytes share a class, 200 does not.
+  CHECK(detail::host_block_size(100) == 128);
+  CHECK(detail::host_block_size(0) == detail::host_alignment);
+  CHECK(detail::host_block_size(MiB + 1) == MiB + detail::host_page);
+  void* small = allocate(100, Space::Host, Tag::Workspace);
+  deallocate(small, 100, Space::Host, Tag::Workspace);
+  void* small_again = allocate(120, Space::Host, Tag::Workspace);
+  CHECK(small_again == small);
+  void* small_other = allocate(200, Space::Host, Tag::Workspace);
+  CHECK(small_other != small);
+  deallocate(small_again, 120, Space::Host, Tag::Workspace);
+  deallocate(small_other, 200, Space::Host, Tag::Workspace);
+#if SSMX_ASAN
+  CHECK(__asan_address_is_poisoned(small));  // a retained block still reports use after free
+#endif
+}
+
+TEST_CASE("core: the host cache keeps at most its limit and evicts the least recently used") {
+  using namespace test_core;
+  CacheScope scope(4 * MiB);
+  void* a = allocate(1 * MiB, Space::Host, Tag::Workspace);
+  void* b = allocate(2 * MiB, Space::Host, Tag::Workspace);
+  void* c = allocate(3 * MiB, Space::Host, Tag::Workspace);
+  deallocate(a, 1 * MiB, Space::Host, Tag::Workspace);
+  deallocate(b, 2 * MiB, Space::Host, Tag::Workspace);
+  CHECK(cache_stats().retained == 3 * MiB);
+  deallocate(c, 3 * MiB, Space::Host, Tag::Workspace);  // room for it: a, then b go
+  CHECK(cache_stats().retained == 3 * MiB);
+  CHECK(cache_stats().blocks == 1);
+  const auto before = cache_stats();
+  void* c2 = allocate(3 * MiB, Space::Host, Tag::Workspace);
+  CHECK(c2 == c);
+  CHECK(cache_stats().hits == before.hits + 1);
+  void* a2 = allocate(1 * MiB, Space::Host, Tag::Workspace);  // evicted: a fresh block
+  CHECK(cache_stats().misses == before.misses + 1);
+
+  // A block over the limit is never kept.
+  void* huge = allocate(5 * MiB, Space::Host, Tag::Workspace);
+  deallocate(huge, 5 * MiB, Space::Host, Tag::Workspace);
+  CHECK(cache_stats().retained == 0);
+
+  // Lowering the limit frees what is over it now.
+  deallocate(c2, 3 * MiB, Space::Host, Tag::Workspace);
+  deallocate(a2, 1 * MiB, Space::Host, Tag::Workspace);
+  CHECK(cache_stats().retained == 4 * MiB);
+  set_host_cache_limit(2 * MiB);
+  CHECK(cache_stats().retained <= 2 * MiB);
+  CHECK(cache_stats().limit == 2 * MiB);
+}
+
+TEST_CASE("core: the host cache leaves the tracked accounting unchanged") {
+  using namespace test_core;
+  // The same allocations with the cache on and off: memory_stats sees the same requests.
+  auto run = [](std::size_t limit) {
+    CacheScope scope(limit);
+    reset_peak(Space::Host);
+    const auto base = memory_stats(Space::Host);
+    std::vector<MemoryStats> seen;
+    for (int round = 0; round < 3; ++round) {
+      Buffer<float> p(1000, Space::Host, Tag::Parameters);
+      {
+        Buffer<char> act(3 * MiB + 5, Space::Host, Tag::Activations);
+        Buffer<double> w(77, Space::Host, Tag::Workspace);
+        seen.push_back(memory_stats(Space::Host));
+      }
+      seen.push_back(memory_stats(Space::Host));
+    }
+    for (auto& s : seen) {
+      s.current -= base.current;
+      s.peak -= base.current;
+      for (int t = 0; t < num_tags; ++t) s.current_by_tag[t] -= base.current_by_tag[t];
+    }
+    CHECK(memory_stats(Space::Host).current == base.current);
+    return seen;
+  };
+  const auto cached = run(64 * MiB), uncached = run(0);
+  REQUIRE(cached.size() == uncached.size());
+  for (std::size_t i = 0; i < cached.size(); ++i) {
+    CHECK(cached[i].current == uncached[i].current);
+    CHECK(cached[i].peak == uncached[i].peak);
+    CHECK(cached[i].allocations == uncached[i].allocations);
+    CHECK(cached[i].current_by_tag == uncached[i].current_by_tag);
+  }
+  CHECK(cached[0].current == 4000 + 3 * MiB + 5 + 616);
+  CHECK(cached[1].current == 4000);
+  CHECK(cached[5].peak == 4000 + 3 * MiB + 5 + 616);
+}
+
+TEST_CASE("core: release_cached_memory frees what the host cache holds") {
+  using namespace test_core;
+  CacheScope scope(64 * MiB);
+  for (std::size_t n : {std::size_t(64), std::size_t(5000), 2 * MiB}) {
+    void* p = allocate(n, Space::Host, Tag::Workspace);
+    deallocate(p, n, Space::Host, Tag::Workspace);
+  }
+  const auto held = cache_stats();
+  CHECK(held.blocks == 3);
+  CHECK(held.retained == 64 + 5056 + 2 * MiB);
+  CHECK(release_cached_memory(Space::Host) == held.retained);
+  CHECK(cache_stats().retained == 0);
+  CHECK(cache_stats().blocks == 0);
+  CHECK(release_cached_memory(Space::Host) == 0);
+  // A space without a cache (here: no CUDA backend) has nothing to release.
+  CHECK(release_cached_memory(Space::Cuda) == 0);
+  CHECK(cache_stats(Space::Cuda).limit == 0);
+}
+
+TEST_CASE("core: SSMX_HOST_CACHE_BYTES sets the cache limit and 0 turns it off") {
+  using namespace test_core;
+  using detail::host_cache_limit_from;
+  CHECK(host_cache_limit_from("0") == 0);
+  CHECK(host_cache_limit_from("12345") == 12345);
+  CHECK(host_cache_limit_from("512M") == 512 * MiB);
+  CHECK(host_cache_limit_from("2G") == std::size_t(2) << 30);
+  CHECK(host_cache_limit_from("64k") == 64 * 1024);
+  // Unset or empty: 1 GiB, or off under AddressSanitizer.
+  CHECK(host_cache_limit_from(nullptr) == (SSMX_ASAN ? 0 : detail::default_host_cache_bytes));
+  CHECK(host_cache_limit_from("") == host_cache_limit_from(nullptr));
+  for (const char* bad : {"abc", "12X", "1.5G", "-1", " 1", "1GB", "99999999999999999999", "17179869184G"}) {
+    auto m = message_of<ValueError>([&] { (void)host_cache_limit_from(bad); });
+    CHECK(contains(m, "SSMX_HOST_CACHE_BYTES"));
+    CHECK(contains(m, bad));
+  }
+  // A cache built from "0" keeps nothing.
+  detail::HostCache off(host_cache_limit_from("0"));
+  void* p = std::malloc(256);
+  CHECK_FALSE(off.keep(p, 256));
+  CHECK(off.take(256) == nullptr);
+  CHECK(off.stats().retained == 0);
+  std::free(p);
+}
+
+#if defined(_OPENMP)
+TEST_CASE("core: the host cache is thread-safe under OpenMP") {
+  using namespace test_core;
+  CacheScope scope(8 * MiB);
+  const auto base = memory_stats(Space::Host);
+  const auto c0 = cache_stats();
+  constexpr int threads = 4, rounds = 400, live = 3;
+  const std::size_t sizes[] = {64, 200, 4096, 150000, MiB, 3 * MiB};
+  long corrupted = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : corrupted)
+  {
+    const int id = omp_get_thread_num();
+    std::mt19937 rng(unsigned(id) + 1);
+    std::vector<std::pair<unsigned char*, std::size_t>> held;
+    for (int r = 0; r < rounds; ++r) {
+      const std::size_t n = sizes[rng() % 6];
+      auto* p = static_cast<unsigned char*>(allocate(n, Space::Host, Tag::Workspace));
+      std::memset(p, id + 1, n);
+      held.emplace_back(p, n);
+      if (held.size() > std::size_t(live)) {  // free one written a while ago, after checking it
+        const auto [q, m] = held[rng() % held.size()];
+        for (std::size_t i = 0; i < m; i += 61) corrupted += q[i] != id + 1;
+        corrupted += q[m - 1] != id + 1;
+        deallocate(q, m, Space::Host, Tag::Workspace);
+        held.erase(std::find(held.begin(), held.end(), std::make_pair(q, m)));
+      }
+    }
+    for (auto [q, m] : held) deallocate(q, m, Space::Host, Tag::Workspace);
+  }
+  CHECK(corrupted == 0);
+  CHECK(memory_stats(Space::Host).current == base.current);
+  const auto c1 = cache_stats();
+  CHECK((c1.hits - c0.hits) + (c1.misses - c0.misses) == std::size_t(threads) * rounds);
+  CHECK(c1.hits > c0.hits);
+  CHECK(c1.retained <= c1.limit);
+}
+#endif
 
 TEST_CASE("core: Space::Cuda without the CUDA backend throws DeviceError") {
   using namespace test_core;
