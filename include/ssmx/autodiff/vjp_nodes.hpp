@@ -59,11 +59,11 @@ struct Evaluator<Map3<F, A, B, C>, S> {
   static constexpr bool packet_capable =
       has_packet<Evaluator<A, S>>::value && has_packet<Evaluator<B, S>>::value && has_packet<Evaluator<C, S>>::value;
   template <class P>
-  SSMX_INLINE P packet(const Index4& i) const {
+  SSMX_HOST_INLINE P packet(const Index4& i) const {
     return f(a.template packet<P>(i), b.template packet<P>(i), c.template packet<P>(i));
   }
   template <class P>
-  SSMX_INLINE P packet_linear(index_t i) const {
+  SSMX_HOST_INLINE P packet_linear(index_t i) const {
     return f(a.template packet_linear<P>(i), b.template packet_linear<P>(i), c.template packet_linear<P>(i));
   }
 #endif
@@ -91,11 +91,11 @@ struct Evaluator<Map4<F, A, B, C, D>, S> {
   static constexpr bool packet_capable = has_packet<Evaluator<A, S>>::value && has_packet<Evaluator<B, S>>::value &&
                                          has_packet<Evaluator<C, S>>::value && has_packet<Evaluator<D, S>>::value;
   template <class P>
-  SSMX_INLINE P packet(const Index4& i) const {
+  SSMX_HOST_INLINE P packet(const Index4& i) const {
     return f(a.template packet<P>(i), b.template packet<P>(i), c.template packet<P>(i), d.template packet<P>(i));
   }
   template <class P>
-  SSMX_INLINE P packet_linear(index_t i) const {
+  SSMX_HOST_INLINE P packet_linear(index_t i) const {
     return f(a.template packet_linear<P>(i), b.template packet_linear<P>(i), c.template packet_linear<P>(i),
              d.template packet_linear<P>(i));
   }

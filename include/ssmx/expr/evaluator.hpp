@@ -113,7 +113,7 @@ struct ViewReader {
   // Host SIMD: a register of consecutive coefficients along the last axis from i.
   static constexpr bool packet_capable = std::is_same_v<Stored, V>;
   template <class P>
-  SSMX_INLINE P packet(const Index4& i) const {
+  SSMX_HOST_INLINE P packet(const Index4& i) const {
     const Stored* p = data + i.i[0] * st[0] + i.i[1] * st[1] + i.i[2] * st[2] + i.i[3] * st[3];
     if (st[3] == 1) return P::load(p);
     if (st[3] == 0) return P(*p);
@@ -122,7 +122,7 @@ struct ViewReader {
     return P::load(tmp);
   }
   template <class P>
-  SSMX_INLINE P packet_linear(index_t i) const {
+  SSMX_HOST_INLINE P packet_linear(index_t i) const {
     return P::load(data + i);
   }
 #endif
@@ -145,11 +145,11 @@ struct Evaluator<Constant<T>, S> {
 #if !defined(__CUDA_ARCH__)
   static constexpr bool packet_capable = true;
   template <class P>
-  SSMX_INLINE P packet(const Index4&) const {
+  SSMX_HOST_INLINE P packet(const Index4&) const {
     return P(value);
   }
   template <class P>
-  SSMX_INLINE P packet_linear(index_t) const {
+  SSMX_HOST_INLINE P packet_linear(index_t) const {
     return P(value);
   }
 #endif
@@ -189,11 +189,11 @@ struct Evaluator<Unary<Op, E>, S> {
 #if !defined(__CUDA_ARCH__)
   static constexpr bool packet_capable = has_packet<Evaluator<E, S>>::value;
   template <class P>
-  SSMX_INLINE P packet(const Index4& i) const {
+  SSMX_HOST_INLINE P packet(const Index4& i) const {
     return Op{}(child.template packet<P>(i));
   }
   template <class P>
-  SSMX_INLINE P packet_linear(index_t i) const {
+  SSMX_HOST_INLINE P packet_linear(index_t i) const {
     return Op{}(child.template packet_linear<P>(i));
   }
 #endif
@@ -212,11 +212,11 @@ struct Evaluator<Binary<Op, L, R>, S> {
 #if !defined(__CUDA_ARCH__)
   static constexpr bool packet_capable = has_packet<Evaluator<L, S>>::value && has_packet<Evaluator<R, S>>::value;
   template <class P>
-  SSMX_INLINE P packet(const Index4& i) const {
+  SSMX_HOST_INLINE P packet(const Index4& i) const {
     return Op{}(lhs.template packet<P>(i), rhs.template packet<P>(i));
   }
   template <class P>
-  SSMX_INLINE P packet_linear(index_t i) const {
+  SSMX_HOST_INLINE P packet_linear(index_t i) const {
     return Op{}(lhs.template packet_linear<P>(i), rhs.template packet_linear<P>(i));
   }
 #endif

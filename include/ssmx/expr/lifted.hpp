@@ -318,17 +318,15 @@ void domain_strides(const TensorView<const V, S>& v, const Ext4& domain, index_t
   for (int k = 0; k < 4; ++k) st[k] = r.st[k];
 }
 
-#if !defined(__CUDA_ARCH__)
-// p[0, len) = v, a register at a time.
+// p[0, len) = v, a register at a time (host code).
 template <class V>
-SSMX_INLINE void fill_row(V* p, index_t len, V v) {
+inline void fill_row(V* p, index_t len, V v) {
   using P = simd::Pack<V>;
   const P pv(v);
   index_t j = 0;
   for (; j + P::size <= len; j += P::size) pv.store(p + j);
   for (; j < len; ++j) p[j] = v;
 }
-#endif
 
 // Reads an operand at domain coordinates: begin_row fixes a row (and where it starts).
 // On the host a row is read through a contiguous pointer, so that the SIMD loop has no
@@ -373,9 +371,9 @@ struct LiftSrc {
 #endif
   }
 #if !defined(__CUDA_ARCH__)
-  SSMX_INLINE V at(index_t j) const { return st[3] == 0 ? value : ptr[j]; }
+  SSMX_HOST_INLINE V at(index_t j) const { return st[3] == 0 ? value : ptr[j]; }
   template <class P>
-  SSMX_INLINE P pack(index_t j) const {
+  SSMX_HOST_INLINE P pack(index_t j) const {
     return st[3] == 0 ? P(value) : P::load(ptr + j);
   }
 #else
@@ -432,14 +430,14 @@ struct LiftDst {
 #endif
   }
 #if !defined(__CUDA_ARCH__)
-  SSMX_INLINE void add(index_t j, V g) {
+  SSMX_HOST_INLINE void add(index_t j, V g) {
     if (st[3] == 0)
       acc_scalar += g;
     else
       ptr[j] += g;
   }
   template <class P>
-  SSMX_INLINE void add_pack(index_t j, P g) {
+  SSMX_HOST_INLINE void add_pack(index_t j, P g) {
     if (st[3] == 0)
       (P::load(acc) + g).store(acc);
     else
@@ -447,7 +445,7 @@ struct LiftDst {
   }
   // Adds what the row collected into the buffer: a broadcast row as the sum of its
   // register's lanes and its single coefficients, a strided one element by element.
-  SSMX_INLINE void end_row() {
+  SSMX_HOST_INLINE void end_row() {
     if (st[3] == 1) return;
     if (st[3] == 0) {
       *row += simd::Pack<V>::load(acc).sum() + acc_scalar;
@@ -512,11 +510,11 @@ struct LiftOperand {
   }
 #if !defined(__CUDA_ARCH__)
   template <class P>
-  SSMX_INLINE P pack(index_t j, const RowState<V>&) const {
+  SSMX_HOST_INLINE P pack(index_t j, const RowState<V>&) const {
     return src.template pack<P>(j);
   }
   template <class P>
-  SSMX_INLINE void vjp_pack(index_t j, P g, const RowState<V>&) {
+  SSMX_HOST_INLINE void vjp_pack(index_t j, P g, const RowState<V>&) {
     if (grad) dst.add_pack(j, g);
   }
 #endif
@@ -536,11 +534,11 @@ struct LiftConstant {
   SSMX_INLINE void vjp_at(index_t, V, const RowState<V>&) {}
 #if !defined(__CUDA_ARCH__)
   template <class P>
-  SSMX_INLINE P pack(index_t, const RowState<V>&) const {
+  SSMX_HOST_INLINE P pack(index_t, const RowState<V>&) const {
     return P(value);
   }
   template <class P>
-  SSMX_INLINE void vjp_pack(index_t, P, const RowState<V>&) {}
+  SSMX_HOST_INLINE void vjp_pack(index_t, P, const RowState<V>&) {}
 #endif
 };
 
@@ -564,11 +562,11 @@ struct LiftNode<StateLeaf<T, S>, V> {
   SSMX_INLINE void vjp_at(index_t j, V g, const RowState<V>& s) { s.gh[j] += g; }
 #if !defined(__CUDA_ARCH__)
   template <class P>
-  SSMX_INLINE P pack(index_t j, const RowState<V>& s) const {
+  SSMX_HOST_INLINE P pack(index_t j, const RowState<V>& s) const {
     return P::load(s.h + j);
   }
   template <class P>
-  SSMX_INLINE void vjp_pack(index_t j, P g, const RowState<V>& s) {
+  SSMX_HOST_INLINE void vjp_pack(index_t j, P g, const RowState<V>& s) {
     (P::load(s.gh + j) + g).store(s.gh + j);
   }
 #endif
@@ -592,11 +590,11 @@ struct LiftNode<Unary<Op, E>, V> {
   }
 #if !defined(__CUDA_ARCH__)
   template <class P>
-  SSMX_INLINE P pack(index_t j, const RowState<V>& s) const {
+  SSMX_HOST_INLINE P pack(index_t j, const RowState<V>& s) const {
     return Op{}(child.template pack<P>(j, s));
   }
   template <class P>
-  SSMX_INLINE void vjp_pack(index_t j, P g, const RowState<V>& s) {
+  SSMX_HOST_INLINE void vjp_pack(index_t j, P g, const RowState<V>& s) {
     if (!child.needs_grad()) return;
     const P x = child.template pack<P>(j, s);
     child.vjp_pack(j, Op{}.vjp(x, Op{}(x), g), s);
@@ -638,11 +636,11 @@ struct LiftNode<Binary<Op, L, R>, V> {
   }
 #if !defined(__CUDA_ARCH__)
   template <class P>
-  SSMX_INLINE P pack(index_t j, const RowState<V>& s) const {
+  SSMX_HOST_INLINE P pack(index_t j, const RowState<V>& s) const {
     return Op{}(lhs.template pack<P>(j, s), rhs.template pack<P>(j, s));
   }
   template <class P>
-  SSMX_INLINE void vjp_pack(index_t j, P g, const RowState<V>& s) {
+  SSMX_HOST_INLINE void vjp_pack(index_t j, P g, const RowState<V>& s) {
     const P l = lhs.template pack<P>(j, s), r = rhs.template pack<P>(j, s), y = Op{}(l, r);
     if (lhs.needs_grad()) lhs.vjp_pack(j, Op{}.vjp_l(l, r, y, g), s);
     if (rhs.needs_grad()) rhs.vjp_pack(j, Op{}.vjp_r(l, r, y, g), s);

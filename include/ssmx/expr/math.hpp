@@ -7,9 +7,7 @@
 #include <cmath>
 
 #include "../config.hpp"
-#if !defined(__CUDA_ARCH__)
 #include "simd.hpp"
-#endif
 
 namespace ssmx::math {
 

@@ -80,6 +80,8 @@ struct TilePlan {
   index_t rows = 0;      // S / vec
   index_t tile_rows = 1, tile_vec = 1, row_tiles = 1, vec_tiles = 1, ntiles = 1;
   index_t block = 1;     // backward: tokens recomputed at a time
+  Dims state_dims;       // the state's own shape
+  int state_rank() const { return state_dims.rank; }
 
   index_t row_begin(index_t k) const { return (k / vec_tiles) * tile_rows; }
   index_t row_count(index_t k) const { return std::min(rows, row_begin(k) + tile_rows) - row_begin(k); }
@@ -124,6 +126,7 @@ inline TilePlan make_plan(index_t n, const Dims& state, std::size_t elem_size, i
   TilePlan p;
   p.n = n;
   p.S = state.numel();
+  p.state_dims = state;
   p.token_axis = 3 - state.rank;
   p.domain = expr::pad_extents(domain_dims(n, state));
   const index_t last = state[state.rank - 1];
@@ -330,49 +333,49 @@ namespace host {
 
 // One coefficient (X = T) or one register of them (X = simd::Pack<T>).
 template <class X, class T, class N>
-SSMX_INLINE X value(const N& node, index_t j, const expr::RowState<T>& s) {
+SSMX_HOST_INLINE X value(const N& node, index_t j, const expr::RowState<T>& s) {
   if constexpr (std::is_same_v<X, T>)
     return node.at(j, s);
   else
     return node.template pack<X>(j, s);
 }
 template <class X, class T, class N>
-SSMX_INLINE void vjp(N& node, index_t j, X g, const expr::RowState<T>& s) {
+SSMX_HOST_INLINE void vjp(N& node, index_t j, X g, const expr::RowState<T>& s) {
   if constexpr (std::is_same_v<X, T>)
     node.vjp_at(j, g, s);
   else
     node.vjp_pack(j, g, s);
 }
 template <class X, class T>
-SSMX_INLINE X load(const T* p) {
+SSMX_HOST_INLINE X load(const T* p) {
   if constexpr (std::is_same_v<X, T>)
     return *p;
   else
     return X::load(p);
 }
 template <class X, class T>
-SSMX_INLINE void store(T* p, X v) {
+SSMX_HOST_INLINE void store(T* p, X v) {
   if constexpr (std::is_same_v<X, T>)
     *p = v;
   else
     v.store(p);
 }
 template <class X, class T>
-SSMX_INLINE X read(const expr::LiftSrc<T>& s, index_t j) {
+SSMX_HOST_INLINE X read(const expr::LiftSrc<T>& s, index_t j) {
   if constexpr (std::is_same_v<X, T>)
     return s.at(j);
   else
     return s.template pack<X>(j);
 }
 template <class X, class T>
-SSMX_INLINE void add_to(expr::LiftDst<T>& d, index_t j, X g) {
+SSMX_HOST_INLINE void add_to(expr::LiftDst<T>& d, index_t j, X g) {
   if constexpr (std::is_same_v<X, T>)
     d.add(j, g);
   else
     d.add_pack(j, g);
 }
 template <class X, class T>
-SSMX_INLINE X fma(X a, X b, X c) {
+SSMX_HOST_INLINE X fma(X a, X b, X c) {
   if constexpr (std::is_same_v<X, T>)
     return a * b + c;
   else
@@ -381,7 +384,7 @@ SSMX_INLINE X fma(X a, X b, X c) {
 
 // Calls f(X{}, j) over one row: registers first, then single coefficients.
 template <class T, class F>
-SSMX_INLINE void for_row(index_t len, F&& f) {
+SSMX_HOST_INLINE void for_row(index_t len, F&& f) {
   using P = simd::Pack<T>;
   constexpr index_t L = P::size;
   index_t j = 0;
@@ -432,7 +435,7 @@ void scatter_state(const TilePlan& plan, index_t k, const T* tile, T* dst) {
 
 // Positions evaluators at row rr of token t (the rows of a token are visited in order).
 template <class... N>
-SSMX_INLINE void to_row(const RowWalk& rows, index_t t, index_t rr, N&... nodes) {
+SSMX_HOST_INLINE void to_row(const RowWalk& rows, index_t t, index_t rr, N&... nodes) {
   if (rows.fresh(rr)) {
     const Index4 i = rows.at(t, rr);
     (nodes.begin_row(i), ...);
@@ -464,7 +467,7 @@ void forward(const TilePlan& plan, const DN& d0, const BN& b0, const XN* x0, con
     BN b = b0;
     XN x{};
     expr::LiftDst<T> y{};
-    std::vector<T> scratch(std::size_t((DN::scratch_rows + BN::scratch_rows + XN::scratch_rows + 1) * nv));
+    Work<T> scratch(std::size_t((DN::scratch_rows + BN::scratch_rows + XN::scratch_rows + 1) * nv));
     T* cursor = scratch.data();
     d.set_tile(k);
     b.set_tile(k);
@@ -478,12 +481,12 @@ void forward(const TilePlan& plan, const DN& d0, const BN& b0, const XN* x0, con
       x.bind(cursor, nv);
       y.bind(cursor, nv);
     }
-    std::vector<T> hbuf(std::size_t(w), T(0)), pbuf;
+    Work<T> hbuf(std::size_t(w), T(0)), pbuf;
     T* h = hbuf.data();
     if (io.h0) gather_state(plan, k, io.h0, h);
     T* prod = nullptr;  // Π a of the tile so far
     if (io.decay_prod) {
-      pbuf.resize(std::size_t(w));
+      pbuf = Work<T>(std::size_t(w));
       prod = pbuf.data();
       gather_state(plan, k, io.decay_prod, prod);
     }
@@ -566,7 +569,7 @@ void backward(const TilePlan& plan, const DN& d0, const BN& b0, const XN& x0, co
     BN b = b0;
     XN x = x0;
     expr::LiftSrc<T> g = g0;
-    std::vector<T> scratch(std::size_t((DN::scratch_rows + BN::scratch_rows + XN::scratch_rows + 1) * nv));
+    Work<T> scratch(std::size_t((DN::scratch_rows + BN::scratch_rows + XN::scratch_rows + 1) * nv));
     T* cursor = scratch.data();
     d.set_tile(k);
     b.set_tile(k);
@@ -579,7 +582,7 @@ void backward(const TilePlan& plan, const DN& d0, const BN& b0, const XN& x0, co
     // before each block (one forward pass), then per block, last to first, a and h of the
     // block recomputed into abuf/hbuf and walked backwards.
     const index_t L = io.delta ? n : std::min(n, plan.block), nb = (n + L - 1) / L;
-    std::vector<T> hstart(std::size_t(nb * w), T(0)), carry(std::size_t(w), T(0)), ghrow(std::size_t(nv), T(0));
+    Work<T> hstart(std::size_t(nb * w), T(0)), carry(std::size_t(w), T(0)), ghrow(std::size_t(nv), T(0));
     if (io.h0) gather_state(plan, k, io.h0, hstart.data());
     if (io.carry_in) gather_state(plan, k, io.carry_in, carry.data());
     Tensor<T> abuf(Dims{1, L, w}, Tag::Workspace), hbuf(Dims{1, L, w}, Tag::Workspace);
@@ -588,8 +591,11 @@ void backward(const TilePlan& plan, const DN& d0, const BN& b0, const XN& x0, co
     // Runs the recurrence over tokens [t0, t1) from `from`; keep_all: a and h of every token
     // into abuf/hbuf (rows t - t0), else only the state after t1 - 1 into `to`.
     auto recompute = [&](index_t t0, index_t t1, const T* from, T* to, bool keep_all) {
-      std::vector<T> hrun;
-      if (!keep_all) hrun.assign(from, from + w);
+      Work<T> hrun;
+      if (!keep_all) {
+        hrun = Work<T>(std::size_t(w));
+        std::copy(from, from + w, hrun.data());
+      }
       for (index_t t = t0; t < t1; ++t) {
         const bool start = io.starts && io.starts[t];
         for (index_t rr = 0; rr < nr; ++rr) {
@@ -640,7 +646,7 @@ void backward(const TilePlan& plan, const DN& d0, const BN& b0, const XN& x0, co
     };
     if (!io.delta) {
       // Exact: one reverse walk; δ^t = dL/dh^t + carry, carry = a^t ⊙ δ^t.
-      std::vector<T> drow(static_cast<std::size_t>(nv));
+      Work<T> drow(static_cast<std::size_t>(nv));
       for (index_t blk = nb - 1; blk >= 0; --blk) {
         t0 = blk * L;
         const index_t t1 = std::min(n, t0 + L);

@@ -140,6 +140,9 @@ struct ModelConfig {
   // the materialised path everywhere (the reference the fused path is tested against).
   // Backprop and Checkpointed always keep their full tapes.
   bool fused = true;
+  // On the fused path, run the structured chunked scan (nn/structured.hpp) for layers
+  // whose maps have its shape (DiagonalSSM, GatedSSM). false: the fused scan for them too.
+  bool structured = true;
 };
 
 // Mem: the memory space everything lives in (parameters, the stored streams, the tapes);
@@ -320,7 +323,7 @@ class Model {
           Stretch<Layer> st;
           Tensor<T, Mem> next_state(Dims{1, S}, Tag::Activations);
           Tensor<T, Mem> y_out(Dims{(k + 1 < K ? halo : 0) + n, d_model}, Tag::Activations);
-          forward_stretch(block(k), CV(y.view()), CV(state[std::size_t(k)].view()), st, resets.offset(c0), cfg_.fused,
+          forward_stretch(block(k), CV(y.view()), CV(state[std::size_t(k)].view()), st, resets.offset(c0), scan_path(),
                           {next_state.view(), y_out.view().slice(y_out.extent(0) - n, y_out.extent(0)), {}});
           copy<T>(tail[std::size_t(k)].view(), CV(y.view()).slice(n, n + halo));
           y = std::move(y_out);
@@ -450,6 +453,10 @@ class Model {
     return r;
   }
 
+  ScanPath scan_path() const {
+    return !cfg_.fused ? ScanPath::materialised : cfg_.structured ? ScanPath::structured : ScanPath::fused;
+  }
+
   // The head as a [P, vocab] view: W itself, or (tied) Eᵀ read in place through strides.
   CV head_view() const {
     if (head_) return head_->value.view();
@@ -518,7 +525,8 @@ StepResult Model<Layer_, K, Mem>::sequence(const Batch& batch, index_t b, const 
   }
   const index_t nchunks = (n_tok + chunk - 1) / chunk;
   // The fused scan for the adjoint strategies; Backprop and Checkpointed keep full tapes.
-  const bool fuse = cfg_.fused && !backprop && !std::is_same_v<Strategy, Checkpointed>;
+  const ScanPath path =
+      backprop || std::is_same_v<Strategy, Checkpointed> ? ScanPath::materialised : scan_path();
 
   // ---- forward: store each layer's input (after its halo rows) and its chunk-boundary states ----
   // Y[k]: input of layer k, [halo + n, P]; rows [0, halo) come before t0.
@@ -566,7 +574,7 @@ StepResult Model<Layer_, K, Mem>::sequence(const Batch& batch, index_t b, const 
         Stretch<Layer> st;
         Tensor<T, Mem> h_last(Dims{1, S}, Tag::Workspace), buf;
         // The chunk's last state and Π a over its tokens, in token order, into `prod`.
-        forward_stretch(block(k), Yk.read(c0, halo + c1, buf), CV(h.view()), st, resets.offset(c0), fuse,
+        forward_stretch(block(k), Yk.read(c0, halo + c1, buf), CV(h.view()), st, resets.offset(c0), path,
                         {h_last.view(), {}, prod});
         h = std::move(h_last);
       }
@@ -582,7 +590,7 @@ StepResult Model<Layer_, K, Mem>::sequence(const Batch& batch, index_t b, const 
       Tensor<T, Mem> h_last(Dims{1, S}, Tag::Activations);
       auto run = [&](TensorView<T, Mem> y_out) {  // the chunk's layer output and last state
         forward_stretch(block(k), Yk.read(c0, halo + c1, st.y_hold), CV(bk.view()).slice(c, c + 1), st,
-                        resets.offset(c0), fuse && !backprop, {h_last.view(), y_out, {}});
+                        resets.offset(c0), backprop ? ScanPath::materialised : path, {h_last.view(), y_out, {}});
       };
       if (top) {
         Tensor<T, Mem> y_out(Dims{c1 - c0, d_model}, Tag::Activations);
@@ -642,7 +650,7 @@ StepResult Model<Layer_, K, Mem>::sequence(const Batch& batch, index_t b, const 
         const index_t c0 = c * chunk, c1 = std::min(n_tok, c0 + chunk);
         Stretch<Layer> st;
         forward_stretch(block(k), Yk.read(c0, halo + c1, st.y_hold), CV(bk.view()).slice(c, c + 1), st,
-                        resets.offset(c0), fuse);
+                        resets.offset(c0), path);
         StretchBackward<T, Mem> opt;
         opt.shard = shard;
         opt.adjoint_only = true;
@@ -669,7 +677,7 @@ StepResult Model<Layer_, K, Mem>::sequence(const Batch& batch, index_t b, const 
       Stretch<Layer> recomputed;
       if constexpr (!backprop)
         forward_stretch(block(k), Yk.read(c0, halo + c1, recomputed.y_hold), CV(bk.view()).slice(c, c + 1),
-                        recomputed, resets.offset(c0), fuse);
+                        recomputed, resets.offset(c0), path);
       const Stretch<Layer>& st = backprop ? kept[std::size_t(k)] : recomputed;
       StretchBackward<T, Mem> opt;
       opt.method = paper ? DeltaMethod::paper : truncated ? DeltaMethod::truncated : DeltaMethod::exact;

@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <optional>
 #include <tuple>
@@ -36,6 +37,7 @@
 #include "../scan/scan.hpp"
 #include "fused.hpp"
 #include "norm.hpp"
+#include "structured.hpp"
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -58,6 +60,9 @@ struct layer_on {
 };
 template <class L, Space S>
 struct layer_on<L, S, std::void_t<typename L::template on<S>>> {
+  static_assert(std::is_same_v<typename L::template on<layer_space<L>::value>, L>,
+                "ssmx: Layer::on<S> in the layer's own space names another layer; a layer derived from "
+                "another inherits its `on`: declare `template <Space S2> using on = ...` naming the derived layer");
   using type = typename L::template on<S>;
 };
 template <class L, Space S>
@@ -259,6 +264,7 @@ struct Stretch {
   Tens a;                                   // [1, n, S], the decay broadcast to the state (materialised path)
   Tens h;                                   // [1, n, S], the states (materialised path)
   bool fused = false;                       // a and h are not materialised: the fused scan makes them
+  bool structured = false;                  // ... and the structured scan may run (nn/structured.hpp)
   Tens h0;                                  // [1, S], the state before the stretch
   Resets resets;
   index_t n() const { return y_ext.extent(0) - halo; }
@@ -467,7 +473,179 @@ bool stretch_runs_fused(const Block<Layer>& blk, const Stretch<Layer>& st) {
   }
 }
 
+// ---- the structured chunked scan (nn/structured.hpp) ----------------------------------------
+
+// Whether a fused layer's maps have the structured shape at the type level: a rank-2 state,
+// the decay one operand, the inject a product of two operands, the readout's reduction
+// over the state times an operand.
+template <class E>
+struct is_plain_operand
+    : std::bool_constant<!expr::is_lifted<E>::value && !std::is_same_v<E, expr::Constant<typename E::value_type>>> {};
+template <class E>
+struct mul_of_operands : std::false_type {};
+template <class L, class R>
+struct mul_of_operands<expr::Binary<op::Mul, L, R>>
+    : std::bool_constant<is_plain_operand<L>::value && is_plain_operand<R>::value> {};
+template <class E>
+struct state_times_operand : std::false_type {};
+template <class T, Space S, class C>
+struct state_times_operand<expr::Binary<op::Mul, expr::StateLeaf<T, S>, C>> : is_plain_operand<C> {
+  static constexpr bool state_left = true;
+};
+template <class T, Space S, class C>
+struct state_times_operand<expr::Binary<op::Mul, C, expr::StateLeaf<T, S>>> : is_plain_operand<C> {
+  static constexpr bool state_left = false;
+};
+template <class Layer, bool = Fusion<Layer>::value>
+struct StructuredShape : std::false_type {};
+template <class Layer>
+struct StructuredShape<Layer, true>
+    : std::bool_constant<is_plain_operand<typename Fusion<Layer>::DecayE>::value &&
+                         mul_of_operands<typename Fusion<Layer>::InjectE>::value &&
+                         state_times_operand<typename Fusion<Layer>::X>::value> {};
+
+// A walk's strides in the natural order [.., t, p, n].
+inline void natural_strides(const fused::TilePlan& plan, const index_t (&walk)[4], index_t (&st)[4]) {
+  for (int k = 0; k < 4; ++k) st[k] = walk[k];
+  if (plan.transposed) std::swap(st[2], st[3]);
+}
+
+// The structured scan of one fused stretch (state [P, N]), when its operands have the shape
+// at run time: the decay and β constant along P, x constant along N, c constant along P,
+// the reduction over N, and every decay in (0, 1.5] (0 only at a document start; a decay
+// of a stable layer is in (0, 1], rounding may put it an ulp above).
+template <class T>
+struct Structured {
+  struct Operand {  // an operand's evaluator with natural strides
+    expr::LiftOperand<T> node;
+    index_t sv[4], sd[4];  // value and cotangent strides
+    T value(index_t t, index_t p, index_t k) const { return node.src.base[t * sv[1] + p * sv[2] + k * sv[3]]; }
+    void add(index_t t, index_t p, index_t k, T g) const { node.dst.base0[t * sd[1] + p * sd[2] + k * sd[3]] += g; }
+  };
+  bool ok = false;
+  structured::Inputs<T> in;
+  Work<T> a;  // [n, N], the decays
+  Operand oa, ox, ob, oc;
+
+  static Operand make(const fused::TilePlan& plan, const expr::LiftOperand<T>& o) {
+    Operand r;
+    r.node = o;
+    natural_strides(plan, o.src.st, r.sv);
+    natural_strides(plan, o.dst.st, r.sd);
+    return r;
+  }
+  // The operands of the decay (dn), the inject (bn: x * β in either order) and the
+  // readout's reduced tree (xn: h * c in either order), reduced over `axis`.
+  template <class BN>
+  Structured(const fused::TilePlan& plan, const expr::LiftOperand<T>& dn, const BN& bn, const expr::LiftOperand<T>& cn,
+             int axis, Resets resets) {
+    if (plan.state_rank() != 2 || axis != 2) return;
+    oa = make(plan, dn);
+    Operand l = make(plan, bn.lhs), r = make(plan, bn.rhs);
+    if (l.sv[3] == 0 && r.sv[2] == 0) {
+      ox = l;
+      ob = r;
+    } else if (r.sv[3] == 0 && l.sv[2] == 0) {
+      ox = r;
+      ob = l;
+    } else {
+      return;
+    }
+    oc = make(plan, cn);
+    if (oa.sv[2] != 0 || oc.sv[2] != 0) return;
+    const index_t n = plan.n, P = plan.state_dims[0], N = plan.state_dims[1];
+    in.n = n;
+    in.P = P;
+    in.N = N;
+    in.la = Work<T>(std::size_t(n * N));
+    in.beta = Work<T>(std::size_t(n * N));
+    in.c = Work<T>(std::size_t(n * N));
+    in.x = Work<T>(std::size_t(n * P));
+    in.seg.resize(std::size_t(n));
+    a = Work<T>(std::size_t(n * N));
+    index_t seg = -1;
+    for (index_t t = 0; t < n; ++t) {
+      const bool start = resets.any() && resets.starts[t];
+      if (start) seg = t;
+      in.seg[std::size_t(t)] = seg;
+      for (index_t k = 0; k < N; ++k) {
+        const T av = oa.value(t, 0, k);
+        a[std::size_t(t * N + k)] = av;
+        // Outside (0, 1.5] (or NaN) the elementwise scan: e^{A^t - A^s} stays below 1.5^64.
+        if (!start && !(av > T(0) && av <= T(1.5))) return;
+        in.la[std::size_t(t * N + k)] = start ? T(0) : std::log(av);
+        in.beta[std::size_t(t * N + k)] = ob.value(t, 0, k);
+        in.c[std::size_t(t * N + k)] = oc.value(t, 0, k);
+      }
+      for (index_t p = 0; p < P; ++p) in.x[std::size_t(t * P + p)] = ox.value(t, p, 0);
+    }
+    ok = true;
+  }
+  // Π a over the stretch into prod ([P, N]): 0 past a document start.
+  void decay_product(T* prod) const {
+    const index_t N = in.N, P = in.P;
+    for (index_t k = 0; k < N; ++k) {
+      T q = T(1);
+      for (index_t t = 0; t < in.n; ++t) q = in.seg[std::size_t(t)] >= 0 ? T(0) : q * a[std::size_t(t * N + k)];
+      for (index_t p = 0; p < P; ++p) prod[p * N + k] *= q;
+    }
+  }
+  // Adds the gradients into the operands' cotangents (those that want them).
+  void scatter(const structured::Grads<T>& g) const {
+    const index_t n = in.n, P = in.P, N = in.N;
+    for (index_t t = 0; t < n; ++t) {
+      for (index_t k = 0; k < N; ++k) {
+        const std::size_t i = std::size_t(t * N + k);
+        if (oa.node.grad && in.seg[std::size_t(t)] != t) oa.add(t, 0, k, g.la[i] / a[i]);  // d(log a) / da = 1 / a
+        if (ob.node.grad) ob.add(t, 0, k, g.beta[i]);
+        if (oc.node.grad) oc.add(t, 0, k, g.c[i]);
+      }
+      if (ox.node.grad)
+        for (index_t p = 0; p < P; ++p) ox.add(t, p, 0, g.x[std::size_t(t * P + p)]);
+    }
+  }
+};
+
+// The operand c of the readout's reduced tree h * c (or c * h).
+template <class X, class XN>
+const auto& readout_operand(const XN& xn) {
+  if constexpr (state_times_operand<X>::state_left)
+    return xn.rhs;
+  else
+    return xn.lhs;
+}
+
+// Whether the structured scan may run for a layer (the type-level shape).
+template <class Layer>
+inline constexpr bool structured_shape_v = StructuredShape<Layer>::value;
+
 }  // namespace detail
+
+// How a stretch is scanned: materialised a and h ([tokens x state] tensors, the reference);
+// the fused scan (nn/fused.hpp); or the structured chunked scan (nn/structured.hpp) where
+// the maps have its shape, else the fused one. Each falls back to the one before it where
+// the layer does not fit.
+enum class ScanPath { materialised, fused, structured };
+
+// How many stretch passes (forward or backward) took each path since the last reset: the
+// way to see that a layer runs the path it should (a silent fall-back shows here).
+struct ScanCounts {
+  std::uint64_t materialised = 0, fused = 0, structured = 0;
+};
+namespace detail {
+inline std::array<std::atomic<std::uint64_t>, 3>& scan_counters() {
+  static std::array<std::atomic<std::uint64_t>, 3> c{};
+  return c;
+}
+inline void count_scan(ScanPath p) { scan_counters()[std::size_t(p)].fetch_add(1, std::memory_order_relaxed); }
+}  // namespace detail
+inline ScanCounts scan_counts() {
+  const auto& c = detail::scan_counters();
+  return {c[0].load(), c[1].load(), c[2].load()};
+}
+inline void reset_scan_counts() {
+  for (auto& c : detail::scan_counters()) c.store(0);
+}
 
 // What a forward pass over one stretch writes (each optional).
 template <class T, Space S>
@@ -477,13 +655,13 @@ struct StretchForward {
   TensorView<T, S> decay_prod;  // [1, S], multiplied by Π a over the stretch (sequence sharding)
 };
 
-// The forward pass of one stretch: prepare_stretch, then the scan. With `fuse` and a layer
-// whose maps fuse (Fusion), one fused pass computes what `out` asks for and st keeps no
+// The forward pass of one stretch: prepare_stretch, then the scan. On the fused paths (for a
+// layer whose maps fuse: Fusion), one pass computes what `out` asks for and st keeps no
 // [tokens × state] tensor (st.fused; backward_stretch recomputes on the fly); otherwise a
 // and h are materialised in st.
 template <class Layer>
 void forward_stretch(const Block<Layer>& blk, typename LayerTypes<Layer>::CV y_ext, typename LayerTypes<Layer>::CV h0,
-                     Stretch<Layer>& st, Resets resets, bool fuse,
+                     Stretch<Layer>& st, Resets resets, ScanPath path,
                      const StretchForward<typename Layer::value_type, LayerTypes<Layer>::space>& out = {}) {
   using T = typename Layer::value_type;
   using Ty = LayerTypes<Layer>;
@@ -492,9 +670,11 @@ void forward_stretch(const Block<Layer>& blk, typename LayerTypes<Layer>::CV y_e
   prepare_stretch(blk, y_ext, h0, st, resets);
   const index_t n = st.n();
   if constexpr (Fusion<Layer>::value) {
-    if (fuse && detail::stretch_runs_fused(blk, st)) {
+    if (path != ScanPath::materialised && detail::stretch_runs_fused(blk, st)) {
       using Fu = Fusion<Layer>;
       st.fused = true;
+      st.structured = path == ScanPath::structured;
+      if (!out.h_last.data() && !out.y_out.data() && !out.decay_prod.data()) return;  // for backward_stretch
       const Dims sd = Layer::state_dims(), domain = with_tokens(n, sd);
       const fused::TilePlan plan = fused::make_plan<T>(n, sd);
       const fused::BuildContext<T, space> ctx{&plan, nullptr, false};
@@ -510,6 +690,7 @@ void forward_stretch(const Block<Layer>& blk, typename LayerTypes<Layer>::CV y_e
       const auto bn = inject.node();
       if (!out.y_out.data()) {
         using XN = expr::lift_node_t<typename Fu::X, T>;
+        detail::count_scan(ScanPath::fused);
         fused::host::forward<T>(plan, dn, bn, static_cast<const XN*>(nullptr), nullptr, io);
         return;
       }
@@ -517,12 +698,27 @@ void forward_stretch(const Block<Layer>& blk, typename LayerTypes<Layer>::CV y_e
       fused::LiftBuild<typename Fu::X, T, space> x(ro.red->child, ctx);
       auto value = ro.make_value(plan);
       const auto xn = x.node();
+      if constexpr (detail::structured_shape_v<Layer>) {
+        if (st.structured) {
+          const detail::Structured<T> sp(plan, dn, bn, detail::readout_operand<typename Fu::X>(xn), ro.red->axis,
+                                         resets);
+          if (sp.ok) {  // the reduction's value is copy 0 of `value`, [n, P]
+            detail::count_scan(ScanPath::structured);
+            structured::forward<T>(sp.in, st.h0.data(), value.buf.data(), out.h_last.data());
+            if (out.decay_prod.data()) sp.decay_product(out.decay_prod.data());
+            assign(out.y_out, leaf(st.y_in()) + ro.rest(ro.finish(value)));
+            return;
+          }
+        }
+      }
       const auto yd = ro.dst(value, plan);
+      detail::count_scan(ScanPath::fused);
       fused::host::forward<T>(plan, dn, bn, &xn, &yd, io);
       assign(out.y_out, leaf(st.y_in()) + ro.rest(ro.finish(value)));
       return;
     }
   }
+  detail::count_scan(ScanPath::materialised);
   materialize_scan(blk, st, out.h_last);
   if (out.y_out.data()) write_output(blk, st, out.y_out);
   if (out.decay_prod.data()) {  // Π a in token order: the scan of (a, 0) from decay_prod
@@ -719,6 +915,40 @@ void fused_maps_backward(Block<Layer>& blk, const Stretch<Layer>& st, typename L
   const auto dn = decay.node();
   const auto bn = inject.node();
   const auto xn = x.node();
+  if constexpr (structured_shape_v<Layer>) {
+    if (st.structured && opt.method == DeltaMethod::exact) {
+      const Structured<T> sp(plan, dn, bn, readout_operand<typename Fu::X>(xn), ro.red->axis, st.resets);
+      if (sp.ok) {
+        count_scan(ScanPath::structured);
+        // The reduction's value ([n, P]), its cotangent through the rest of the readout, then
+        // the structured backward pass.
+        Tensor<T, space> value(ro.red->dims(), Tag::Workspace);
+        structured::Saved<T> saved;
+        structured::forward<T>(sp.in, st.h0.data(), value.data(), nullptr, &saved);
+        if (ro.scale() != T(1)) assign(value.view(), leaf(CV(value.view())) * ro.scale());
+        Tensor<T, space> g_red = zeros<T, space>(ro.red->dims(), Tag::Workspace);
+        {
+          auto rest = ro.rest(CV(value.view()));
+          Tape<decltype(rest), space> tape(rest);
+          GradTargets<T, space> rtg;
+          if (grads) rtg = tg;
+          rtg.push_back(wrt(CV(value.view()), g_red));
+          backward(rest, tape, G, rtg);
+        }
+        if (ro.scale() != T(1)) assign(g_red.view(), leaf(CV(g_red.view())) * ro.scale());
+        structured::Grads<T> sg;
+        structured::backward<T>(sp.in, saved, g_red.data(), opt.carry_in.data(), sg);
+        if (opt.carry_out.data()) std::copy(sg.h0.begin(), sg.h0.end(), opt.carry_out.data());
+        if (!grads) return;
+        sp.scatter(sg);
+        decay.backward(tg);
+        inject.backward(tg);
+        x.backward(tg);
+        return;
+      }
+    }
+  }
+  count_scan(ScanPath::fused);
   // The reduction's value (a forward pass), and its cotangent from the rest of the readout.
   auto value = ro.make_value(plan);
   {
@@ -841,6 +1071,7 @@ void backward_stretch(Block<Layer>& blk, const Stretch<Layer>& st, typename Laye
     }
     if (opt.adjoint_only) return;
   } else {
+    detail::count_scan(ScanPath::materialised);
     CV h_all = st.h.view();
     CV h3 = h_all.reshape(with_tokens(n, sd));
     Tens gh = zeros<T, space>(Dims{1, n, S}, Tag::Workspace);  // dL/dh, direct part
