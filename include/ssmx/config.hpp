@@ -20,6 +20,26 @@
 #define SSMX_HAS_CUDA_COMPILER 0
 #endif
 
+// SSMX_INLINE: a function of the fused scan's inner loops that must be inlined (nested
+// lambdas and node trees otherwise leave calls in the loop over registers).
+// SSMX_HOST_INLINE: the same for host-only code.
+#if defined(__CUDACC__)
+#define SSMX_INLINE __host__ __device__ __forceinline__
+#define SSMX_HOST_INLINE __forceinline__
+#elif defined(__GNUC__) || defined(__clang__)
+#define SSMX_INLINE inline __attribute__((always_inline))
+#define SSMX_HOST_INLINE inline __attribute__((always_inline))
+#else
+#define SSMX_INLINE inline
+#define SSMX_HOST_INLINE inline
+#endif
+// The same for a lambda: [&](int i) SSMX_LAMBDA_INLINE { ... }.
+#if (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
+#define SSMX_LAMBDA_INLINE __attribute__((always_inline))
+#else
+#define SSMX_LAMBDA_INLINE
+#endif
+
 namespace ssmx {
 
 // 64-bit signed indices everywhere: T x channels routinely exceeds 2^31 for long contexts.

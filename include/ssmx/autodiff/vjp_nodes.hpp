@@ -55,6 +55,18 @@ struct Evaluator<Map3<F, A, B, C>, S> {
     return expr::linear_ok(a, v) && expr::linear_ok(b, v) && expr::linear_ok(c, v);
   }
   SSMX_HOST_DEVICE auto coeff_linear(index_t i) const { return f(a.coeff_linear(i), b.coeff_linear(i), c.coeff_linear(i)); }
+#if !defined(__CUDA_ARCH__)
+  static constexpr bool packet_capable =
+      has_packet<Evaluator<A, S>>::value && has_packet<Evaluator<B, S>>::value && has_packet<Evaluator<C, S>>::value;
+  template <class P>
+  SSMX_HOST_INLINE P packet(const Index4& i) const {
+    return f(a.template packet<P>(i), b.template packet<P>(i), c.template packet<P>(i));
+  }
+  template <class P>
+  SSMX_HOST_INLINE P packet_linear(index_t i) const {
+    return f(a.template packet_linear<P>(i), b.template packet_linear<P>(i), c.template packet_linear<P>(i));
+  }
+#endif
 };
 
 template <class F, class A, class B, class C, class D, Space S>
@@ -75,6 +87,19 @@ struct Evaluator<Map4<F, A, B, C, D>, S> {
   SSMX_HOST_DEVICE auto coeff_linear(index_t i) const {
     return f(a.coeff_linear(i), b.coeff_linear(i), c.coeff_linear(i), d.coeff_linear(i));
   }
+#if !defined(__CUDA_ARCH__)
+  static constexpr bool packet_capable = has_packet<Evaluator<A, S>>::value && has_packet<Evaluator<B, S>>::value &&
+                                         has_packet<Evaluator<C, S>>::value && has_packet<Evaluator<D, S>>::value;
+  template <class P>
+  SSMX_HOST_INLINE P packet(const Index4& i) const {
+    return f(a.template packet<P>(i), b.template packet<P>(i), c.template packet<P>(i), d.template packet<P>(i));
+  }
+  template <class P>
+  SSMX_HOST_INLINE P packet_linear(index_t i) const {
+    return f(a.template packet_linear<P>(i), b.template packet_linear<P>(i), c.template packet_linear<P>(i),
+             d.template packet_linear<P>(i));
+  }
+#endif
 };
 
 // Adapters from the functors' vjp members to plain callables.

@@ -447,4 +447,24 @@ class Buffer {
   Tag tag_ = Tag::Workspace;
 };
 
+// Tracked scratch memory for a computation's own buffers (uninitialised unless given a
+// value): a Buffer with element access.
+template <class T>
+class Work {
+ public:
+  Work() = default;
+  explicit Work(std::size_t count, Tag tag = Tag::Workspace) : buf_(count, Space::Host, tag) {}
+  Work(std::size_t count, T value, Tag tag = Tag::Workspace) : buf_(count, Space::Host, tag) {
+    std::fill(begin(), end(), value);
+  }
+  T* data() const noexcept { return buf_.data(); }
+  std::size_t size() const noexcept { return buf_.size(); }
+  T* begin() const noexcept { return buf_.data(); }
+  T* end() const noexcept { return buf_.data() + buf_.size(); }
+  T& operator[](std::size_t i) const noexcept { return buf_.data()[i]; }
+
+ private:
+  Buffer<T> buf_;
+};
+
 }  // namespace ssmx

@@ -109,6 +109,23 @@ struct ViewReader {
     return true;
   }
   SSMX_HOST_DEVICE V coeff_linear(index_t i) const { return V(data[i]); }
+#if !defined(__CUDA_ARCH__)
+  // Host SIMD: a register of consecutive coefficients along the last axis from i.
+  static constexpr bool packet_capable = std::is_same_v<Stored, V>;
+  template <class P>
+  SSMX_HOST_INLINE P packet(const Index4& i) const {
+    const Stored* p = data + i.i[0] * st[0] + i.i[1] * st[1] + i.i[2] * st[2] + i.i[3] * st[3];
+    if (st[3] == 1) return P::load(p);
+    if (st[3] == 0) return P(*p);
+    alignas(64) V tmp[P::size];
+    for (int l = 0; l < P::size; ++l) tmp[l] = p[l * st[3]];
+    return P::load(tmp);
+  }
+  template <class P>
+  SSMX_HOST_INLINE P packet_linear(index_t i) const {
+    return P::load(data + i);
+  }
+#endif
 };
 
 template <class Stored, Space S>
@@ -125,7 +142,27 @@ struct Evaluator<Constant<T>, S> {
   static constexpr bool linear_capable = true;
   bool linear_ok(const Ext4&) const { return true; }
   SSMX_HOST_DEVICE T coeff_linear(index_t) const { return value; }
+#if !defined(__CUDA_ARCH__)
+  static constexpr bool packet_capable = true;
+  template <class P>
+  SSMX_HOST_INLINE P packet(const Index4&) const {
+    return P(value);
+  }
+  template <class P>
+  SSMX_HOST_INLINE P packet_linear(index_t) const {
+    return P(value);
+  }
+#endif
 };
+
+// Evaluators that may take the host's SIMD path have packet<P>(i) and packet_linear<P>(i)
+// (packet_capable): leaves, constants and elementwise nodes over them.
+template <class Ev, class = void>
+struct has_packet : std::false_type {};
+#if !defined(__CUDA_ARCH__)
+template <class Ev>
+struct has_packet<Ev, std::enable_if_t<Ev::packet_capable>> : std::true_type {};
+#endif
 
 // Evaluators that may take the linear path have linear_ok(view) and coeff_linear(i);
 // the others are read through coordinates only.
@@ -149,6 +186,17 @@ struct Evaluator<Unary<Op, E>, S> {
   static constexpr bool linear_capable = has_linear<Evaluator<E, S>>::value;
   bool linear_ok(const Ext4& v) const { return expr::linear_ok(child, v); }
   SSMX_HOST_DEVICE auto coeff_linear(index_t i) const { return Op{}(child.coeff_linear(i)); }
+#if !defined(__CUDA_ARCH__)
+  static constexpr bool packet_capable = has_packet<Evaluator<E, S>>::value;
+  template <class P>
+  SSMX_HOST_INLINE P packet(const Index4& i) const {
+    return Op{}(child.template packet<P>(i));
+  }
+  template <class P>
+  SSMX_HOST_INLINE P packet_linear(index_t i) const {
+    return Op{}(child.template packet_linear<P>(i));
+  }
+#endif
 };
 
 template <class Op, class L, class R, Space S>
@@ -161,6 +209,17 @@ struct Evaluator<Binary<Op, L, R>, S> {
   static constexpr bool linear_capable = has_linear<Evaluator<L, S>>::value && has_linear<Evaluator<R, S>>::value;
   bool linear_ok(const Ext4& v) const { return expr::linear_ok(lhs, v) && expr::linear_ok(rhs, v); }
   SSMX_HOST_DEVICE auto coeff_linear(index_t i) const { return Op{}(lhs.coeff_linear(i), rhs.coeff_linear(i)); }
+#if !defined(__CUDA_ARCH__)
+  static constexpr bool packet_capable = has_packet<Evaluator<L, S>>::value && has_packet<Evaluator<R, S>>::value;
+  template <class P>
+  SSMX_HOST_INLINE P packet(const Index4& i) const {
+    return Op{}(lhs.template packet<P>(i), rhs.template packet<P>(i));
+  }
+  template <class P>
+  SSMX_HOST_INLINE P packet_linear(index_t i) const {
+    return Op{}(lhs.template packet_linear<P>(i), rhs.template packet_linear<P>(i));
+  }
+#endif
 };
 
 template <Space S, class E>
@@ -282,6 +341,29 @@ struct Evaluator<ReduceLoop<Op, E>, S> {
   SSMX_HOST_DEVICE V coeff(const Index4& i) const {
     Index4 j = map.apply(i);
     V acc = Op::template init<V>();
+#if !defined(__CUDA_ARCH__)
+    // Host: a reduction along the last axis combines registers, then their lanes, then
+    // the remainder (a fixed order).
+    if constexpr (has_packet<Evaluator<E, S>>::value) {
+      using P = simd::Pack<V>;
+      if (pos == 3 && n >= 2 * P::size) {
+        P pacc = P(Op::template init<V>());
+        index_t k = 0;
+        for (; k + P::size <= n; k += P::size) {
+          j.i[3] = k;
+          pacc = Op::combine(pacc, child.template packet<P>(j));
+        }
+        alignas(64) V lanes[P::size];
+        pacc.store(lanes);
+        for (int l = 0; l < P::size; ++l) acc = Op::combine(acc, lanes[l]);
+        for (; k < n; ++k) {
+          j.i[3] = k;
+          acc = Op::combine(acc, V(child.coeff(j)));
+        }
+        return Op::finish(acc, n);
+      }
+    }
+#endif
     for (index_t k = 0; k < n; ++k) {
       j.i[pos] = k;
       acc = Op::combine(acc, V(child.coeff(j)));
@@ -321,7 +403,20 @@ struct Evaluator<ReduceLoop<Op, Leaf<Stored, S>>, S> {
   SSMX_HOST_DEVICE V coeff(const Index4& i) const {
     const Stored* p = base.data + i.i[0] * base.st[0] + i.i[1] * base.st[1] + i.i[2] * base.st[2] + i.i[3] * base.st[3];
     V acc = Op::template init<V>();
-    for (index_t k = 0; k < n; ++k) acc = Op::combine(acc, V(p[k * step]));
+    index_t k = 0;
+#if !defined(__CUDA_ARCH__)
+    if constexpr (std::is_same_v<Stored, V>) {  // contiguous: registers, then lanes, then the rest
+      using P = simd::Pack<V>;
+      if (step == 1 && n >= 2 * P::size) {
+        P pacc = P(Op::template init<V>());
+        for (; k + P::size <= n; k += P::size) pacc = Op::combine(pacc, P::load(p + k));
+        alignas(64) V lanes[P::size];
+        pacc.store(lanes);
+        for (int l = 0; l < P::size; ++l) acc = Op::combine(acc, lanes[l]);
+      }
+    }
+#endif
+    for (; k < n; ++k) acc = Op::combine(acc, V(p[k * step]));
     return Op::finish(acc, n);
   }
 };

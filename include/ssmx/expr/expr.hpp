@@ -4,4 +4,5 @@
 #include "../backend/cpu/exec.hpp"
 #include "evaluator.hpp"
 #include "functors.hpp"
+#include "lifted.hpp"
 #include "nodes.hpp"

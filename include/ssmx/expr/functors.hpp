@@ -4,6 +4,8 @@
 //
 // Unary:  y = f(x);            vjp(x, y, g) = g * f'(x)   (may use the cached y)
 // Binary: y = f(l, r);         vjp_l(l, r, y, g) = g * df/dl,  vjp_r(...) = g * df/dr
+// T is a scalar or, on the host, a SIMD register (simd::Pack): the fused scan evaluates
+// the same functors a register at a time, so there is one rule per operation.
 // Private header: include <ssmx/expr/expr.hpp>.
 #pragma once
 
@@ -91,9 +93,11 @@ struct Div {
 };
 struct Maximum {
   static constexpr const char* name = "maximum";
-  template <class T> SSMX_HOST_DEVICE T operator()(T l, T r) const { return l >= r ? l : r; }
-  template <class T> SSMX_HOST_DEVICE T vjp_l(T l, T r, T, T g) const { return l >= r ? g : T(0); }  // 1 where l wins
-  template <class T> SSMX_HOST_DEVICE T vjp_r(T l, T r, T, T g) const { return l >= r ? T(0) : g; }
+  template <class T> SSMX_HOST_DEVICE T operator()(T l, T r) const { return math::select(math::ge(l, r), l, r); }
+  template <class T> SSMX_HOST_DEVICE T vjp_l(T l, T r, T, T g) const {  // 1 where l wins
+    return math::select(math::ge(l, r), g, T(0));
+  }
+  template <class T> SSMX_HOST_DEVICE T vjp_r(T l, T r, T, T g) const { return math::select(math::ge(l, r), T(0), g); }
 };
 
 // Reductions: identity, combine, and the VJP of one input element given the reduced value.
@@ -114,9 +118,11 @@ struct MeanReduce {
 struct MaxReduce {
   static constexpr const char* name = "max";
   template <class T> SSMX_HOST_DEVICE static T init() { return -T(INFINITY); }
-  template <class T> SSMX_HOST_DEVICE static T combine(T a, T b) { return a >= b ? a : b; }
+  template <class T> SSMX_HOST_DEVICE static T combine(T a, T b) { return math::select(math::ge(a, b), a, b); }
   template <class T> SSMX_HOST_DEVICE static T finish(T acc, index_t) { return acc; }
-  template <class T> SSMX_HOST_DEVICE static T vjp(T x, T y, T g, index_t) { return x == y ? g : T(0); }  // 1 at the max
+  template <class T> SSMX_HOST_DEVICE static T vjp(T x, T y, T g, index_t) {  // 1 at the max
+    return math::select(math::eq(x, y), g, T(0));
+  }
 };
 
 }  // namespace ssmx::op

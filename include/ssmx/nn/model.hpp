@@ -135,6 +135,14 @@ struct ModelConfig {
   // dominant memory) in bfloat16: half the bytes; arithmetic stays in T. The stream is
   // rounded where it is stored, and every strategy computes with the rounded values.
   bool bf16_inputs = false;
+  // Run the scan layers' fused scan (nn/fused.hpp) where their maps allow it, under the
+  // Adjoint, TruncatedAdjoint and PaperAdjoint strategies and in evaluate/logits. false:
+  // the materialised path everywhere (the reference the fused path is tested against).
+  // Backprop and Checkpointed always keep their full tapes.
+  bool fused = true;
+  // On the fused path, run the structured chunked scan (nn/structured.hpp) for layers
+  // whose maps have its shape (DiagonalSSM, GatedSSM). false: the fused scan for them too.
+  bool structured = true;
 };
 
 // Mem: the memory space everything lives in (parameters, the stored streams, the tapes);
@@ -314,11 +322,10 @@ class Model {
           copy<T>(y.view().slice(0, halo), CV(tail[std::size_t(k)].view()));
           Stretch<Layer> st;
           Tensor<T, Mem> next_state(Dims{1, S}, Tag::Activations);
-          compute_stretch(block(k), CV(y.view()), CV(state[std::size_t(k)].view()), st, next_state.view(),
-                          resets.offset(c0));
-          copy<T>(tail[std::size_t(k)].view(), CV(y.view()).slice(n, n + halo));
           Tensor<T, Mem> y_out(Dims{(k + 1 < K ? halo : 0) + n, d_model}, Tag::Activations);
-          write_output(block(k), st, y_out.view().slice(y_out.extent(0) - n, y_out.extent(0)));
+          forward_stretch(block(k), CV(y.view()), CV(state[std::size_t(k)].view()), st, resets.offset(c0), scan_path(),
+                          {next_state.view(), y_out.view().slice(y_out.extent(0) - n, y_out.extent(0)), {}});
+          copy<T>(tail[std::size_t(k)].view(), CV(y.view()).slice(n, n + halo));
           y = std::move(y_out);
           state[std::size_t(k)] = std::move(next_state);
         }
@@ -446,6 +453,10 @@ class Model {
     return r;
   }
 
+  ScanPath scan_path() const {
+    return !cfg_.fused ? ScanPath::materialised : cfg_.structured ? ScanPath::structured : ScanPath::fused;
+  }
+
   // The head as a [P, vocab] view: W itself, or (tied) Eᵀ read in place through strides.
   CV head_view() const {
     if (head_) return head_->value.view();
@@ -513,6 +524,9 @@ StepResult Model<Layer_, K, Mem>::sequence(const Batch& batch, index_t b, const 
     SSMX_REQUIRE(strategy.window >= 0, ValueError, "PaperAdjoint: window must be >= 0, got ", strategy.window);
   }
   const index_t nchunks = (n_tok + chunk - 1) / chunk;
+  // The fused scan for the adjoint strategies; Backprop and Checkpointed keep full tapes.
+  const ScanPath path =
+      backprop || std::is_same_v<Strategy, Checkpointed> ? ScanPath::materialised : scan_path();
 
   // ---- forward: store each layer's input (after its halo rows) and its chunk-boundary states ----
   // Y[k]: input of layer k, [halo + n, P]; rows [0, halo) come before t0.
@@ -554,17 +568,14 @@ StepResult Model<Layer_, K, Mem>::sequence(const Batch& batch, index_t b, const 
       Tensor<T, Mem> ab(Dims{2, S}, Tag::Workspace);
       const TensorView<T, Mem> prod = ab.view().slice(0, 1);
       fill<T>(prod, T(1));
-      const Tensor<T, Mem> zero = zeros<T, Mem>(Dims{1, S}, Tag::Workspace);
       Tensor<T, Mem> h = eval(leaf(CV(bk.view()).slice(0, 1)), Tag::Workspace);
       for (index_t c = 0; c < nchunks; ++c) {
         const index_t c0 = c * chunk, c1 = std::min(n_tok, c0 + chunk);
         Stretch<Layer> st;
         Tensor<T, Mem> h_last(Dims{1, S}, Tag::Workspace), buf;
-        compute_stretch(block(k), Yk.read(c0, halo + c1, buf), CV(h.view()), st, h_last.view(), resets.offset(c0));
-        // Π a over the chunk's tokens, in token order: the scan of (a, 0) from `prod` (its
-        // states overwrite st.h, which this pass no longer needs).
-        linear_scan<T, Mem>(CV(st.a.view()), detail::repeat_row<T, Mem>(zero.data(), c1 - c0, S), st.h.view(), prod,
-                            prod);
+        // The chunk's last state and Π a over its tokens, in token order, into `prod`.
+        forward_stretch(block(k), Yk.read(c0, halo + c1, buf), CV(h.view()), st, resets.offset(c0), path,
+                        {h_last.view(), {}, prod});
         h = std::move(h_last);
       }
       copy<T>(ab.view().slice(1, 2), CV(h.view()));
@@ -577,24 +588,26 @@ StepResult Model<Layer_, K, Mem>::sequence(const Batch& batch, index_t b, const 
       const index_t c0 = c * chunk, c1 = std::min(n_tok, c0 + chunk);
       Stretch<Layer> st;
       Tensor<T, Mem> h_last(Dims{1, S}, Tag::Activations);
-      compute_stretch(block(k), Yk.read(c0, halo + c1, st.y_hold), CV(bk.view()).slice(c, c + 1), st, h_last.view(),
-                      resets.offset(c0));
-      if (c + 1 < nchunks) {
-        copy<T>(bk.view().slice(c + 1, c + 2), CV(h_last.view()));
-      } else if (states) {
-        Tensor<T, Mem> buf;
-        store_final(*states, k, b, CV(h_last.view()), Yk.read(n_tok, n_tok + halo, buf));
-      }
+      auto run = [&](TensorView<T, Mem> y_out) {  // the chunk's layer output and last state
+        forward_stretch(block(k), Yk.read(c0, halo + c1, st.y_hold), CV(bk.view()).slice(c, c + 1), st,
+                        resets.offset(c0), backprop ? ScanPath::materialised : path, {h_last.view(), y_out, {}});
+      };
       if (top) {
         Tensor<T, Mem> y_out(Dims{c1 - c0, d_model}, Tag::Activations);
-        write_output(block(k), st, y_out.view());
+        run(y_out.view());
         TensorView<T, Mem> g = G.view().slice(c0, c1);
         StepResult hr = head_loss(CV(y_out.view()), targets + c0, with_backward ? &g : nullptr);
         r.loss += hr.loss;
         r.tokens += hr.tokens;
         r.correct += hr.correct;
       } else {
-        Y[std::size_t(k + 1)].write(halo + c0, halo + c1, [&](TensorView<T, Mem> v) { write_output(block(k), st, v); });
+        Y[std::size_t(k + 1)].write(halo + c0, halo + c1, run);
+      }
+      if (c + 1 < nchunks) {
+        copy<T>(bk.view().slice(c + 1, c + 2), CV(h_last.view()));
+      } else if (states) {
+        Tensor<T, Mem> buf;
+        store_final(*states, k, b, CV(h_last.view()), Yk.read(n_tok, n_tok + halo, buf));
       }
       if constexpr (backprop) {  // the autograd tape: keep every intermediate
         kept_tapes[std::size_t(k)].emplace_back(block(k), st, 0, st.n());
@@ -636,8 +649,8 @@ StepResult Model<Layer_, K, Mem>::sequence(const Batch& batch, index_t b, const 
       for (index_t c = nchunks - 1; c >= 0; --c) {
         const index_t c0 = c * chunk, c1 = std::min(n_tok, c0 + chunk);
         Stretch<Layer> st;
-        compute_stretch(block(k), Yk.read(c0, halo + c1, st.y_hold), CV(bk.view()).slice(c, c + 1), st, {},
-                        resets.offset(c0));
+        forward_stretch(block(k), Yk.read(c0, halo + c1, st.y_hold), CV(bk.view()).slice(c, c + 1), st,
+                        resets.offset(c0), path);
         StretchBackward<T, Mem> opt;
         opt.shard = shard;
         opt.adjoint_only = true;
@@ -663,8 +676,8 @@ StepResult Model<Layer_, K, Mem>::sequence(const Batch& batch, index_t b, const 
       const index_t c0 = c * chunk, c1 = std::min(n_tok, c0 + chunk);
       Stretch<Layer> recomputed;
       if constexpr (!backprop)
-        compute_stretch(block(k), Yk.read(c0, halo + c1, recomputed.y_hold), CV(bk.view()).slice(c, c + 1), recomputed,
-                        {}, resets.offset(c0));
+        forward_stretch(block(k), Yk.read(c0, halo + c1, recomputed.y_hold), CV(bk.view()).slice(c, c + 1),
+                        recomputed, resets.offset(c0), path);
       const Stretch<Layer>& st = backprop ? kept[std::size_t(k)] : recomputed;
       StretchBackward<T, Mem> opt;
       opt.method = paper ? DeltaMethod::paper : truncated ? DeltaMethod::truncated : DeltaMethod::exact;

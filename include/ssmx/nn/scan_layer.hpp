@@ -25,7 +25,9 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdint>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -33,7 +35,9 @@
 
 #include "../autodiff/autodiff.hpp"
 #include "../scan/scan.hpp"
+#include "fused.hpp"
 #include "norm.hpp"
+#include "structured.hpp"
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -56,6 +60,9 @@ struct layer_on {
 };
 template <class L, Space S>
 struct layer_on<L, S, std::void_t<typename L::template on<S>>> {
+  static_assert(std::is_same_v<typename L::template on<layer_space<L>::value>, L>,
+                "ssmx: Layer::on<S> in the layer's own space names another layer; a layer derived from "
+                "another inherits its `on`: declare `template <Space S2> using on = ...` naming the derived layer");
   using type = typename L::template on<S>;
 };
 template <class L, Space S>
@@ -158,6 +165,61 @@ inline Dims with_tokens(index_t n, const Dims& state) {
   return d;
 }
 
+// ---- which layers take the fused scan (nn/fused.hpp states the rule) ----------------------
+
+template <class L, class = void>
+struct layer_opts_out_of_fusion : std::false_type {};
+template <class L>
+struct layer_opts_out_of_fusion<L, std::void_t<decltype(L::fused)>> : std::bool_constant<!L::fused> {};
+
+namespace detail {
+template <class Red>
+struct ReduceParts {  // no reduction of the state in the readout
+  static constexpr bool ok = false;
+  using Child = void;
+};
+template <class Op, class X>
+struct ReduceParts<expr::Reduce<Op, X>> {
+  static constexpr bool ok =
+      (std::is_same_v<Op, op::SumReduce> || std::is_same_v<Op, op::MeanReduce>) && expr::liftable<X>::value;
+  using Child = X;
+};
+template <class V, Space S, class E, bool = ReduceParts<typename expr::state_reduce<E>::type>::ok>
+struct RestOf {
+  using type = void;
+  static constexpr bool ok = false;
+};
+template <class V, Space S, class E>
+struct RestOf<V, S, E, true> {
+  using type = decltype(expr::SubstituteStateReduce<V, S>{expr::Leaf<V, S>(TensorView<const V, S>())}(std::declval<E>()));
+  static constexpr bool ok = !expr::has_state<type>::value;
+};
+}  // namespace detail
+
+// Fusion<Layer>::value: the layer's maps compile into the fused scan (host backend).
+template <class Layer, bool = layer_opts_out_of_fusion<Layer>::value || LayerTypes<Layer>::space != Space::Host>
+struct Fusion {
+  static constexpr bool value = false;
+};
+template <class Layer>
+struct Fusion<Layer, false> {
+  using Ty = LayerTypes<Layer>;
+  using T = typename Ty::T;
+  static constexpr Space S = Ty::space;
+  using MapInput = typename Ty::MapInput;
+  using DecayE = typename Ty::DecayE;
+  using InjectE = typename Ty::InjectE;
+  using ReadoutE =
+      decltype(std::declval<const Layer&>().readout(std::declval<StateRef<T, S>>(), std::declval<MapInput>()));
+  using Reduction = typename expr::state_reduce<ReadoutE>::type;  // the readout's Reduce over the state
+  using X = typename detail::ReduceParts<Reduction>::Child;       // what it reduces (lifted)
+  using Rest = typename detail::RestOf<T, S, ReadoutE>::type;     // the readout above it
+  static constexpr bool value = expr::liftable<DecayE>::value && !expr::has_state<DecayE>::value &&
+                                expr::liftable<InjectE>::value && !expr::has_state<InjectE>::value &&
+                                expr::state_reduce_count<ReadoutE>::value == 1 &&
+                                detail::ReduceParts<Reduction>::ok && detail::RestOf<T, S, ReadoutE>::ok;
+};
+
 // Document boundaries inside a stretch (packed sequences). starts[t] = 1 where a document
 // begins: the state resets there (a^t = 0) and the features' window stops there.
 // since[t] = tokens since the last start, capped at the halo (halo: no start in reach).
@@ -199,8 +261,10 @@ struct Stretch {
   Tens u;                                   // [halo + n, d_model], normalised
   std::array<Tens, Ty::num_features> f;     // the features, [n, F_i]
   Tens mask;                                // [halo + 1, n] tap mask, or empty
-  Tens a;                                   // [1, n, S], the decay broadcast to the state
-  Tens h;                                   // [1, n, S], the states
+  Tens a;                                   // [1, n, S], the decay broadcast to the state (materialised path)
+  Tens h;                                   // [1, n, S], the states (materialised path)
+  bool fused = false;                       // a and h are not materialised: the fused scan makes them
+  bool structured = false;                  // ... and the structured scan may run (nn/structured.hpp)
   Tens h0;                                  // [1, S], the state before the stretch
   Resets resets;
   index_t n() const { return y_ext.extent(0) - halo; }
@@ -219,23 +283,26 @@ struct Stretch {
   }
 };
 
-// The tapes of one shard's per-token maps (every intermediate value, for the VJPs).
+// The tapes of one shard: the norm and the features always; the per-token maps (every
+// intermediate value, for their VJPs) on the materialised path only.
 template <class Layer>
 struct ShardTapes {
   using Ty = LayerTypes<Layer>;
   using CV = typename Ty::CV;
   Tape<typename Ty::NormE> norm;
   typename Ty::Features::Tapes features;
-  Tape<typename Ty::DecayE> decay;
-  Tape<typename Ty::InjectE> inject;
-  Tape<typename Ty::ReadoutE> readout;
+  std::optional<Tape<typename Ty::DecayE>> decay;
+  std::optional<Tape<typename Ty::InjectE>> inject;
+  std::optional<Tape<typename Ty::ReadoutE>> readout;
   // Tapes for tokens [s0, s1) of a computed stretch.
   ShardTapes(const Block<Layer>& blk, const Stretch<Layer>& st, index_t s0, index_t s1)
       : norm(rms_norm(st.y_in().slice(s0, s1), blk.norm.weight.value, blk.norm.eps)),
-        features(make_features(blk, st, s0, s1)),
-        decay(blk.mixer.decay(st.maps(s0, s1))),
-        inject(blk.mixer.inject(st.maps(s0, s1))),
-        readout(blk.mixer.readout(h_rows(st, s0, s1), st.maps(s0, s1))) {}
+        features(make_features(blk, st, s0, s1)) {
+    if (st.fused) return;
+    decay.emplace(blk.mixer.decay(st.maps(s0, s1)));
+    inject.emplace(blk.mixer.inject(st.maps(s0, s1)));
+    readout.emplace(blk.mixer.readout(h_rows(st, s0, s1), st.maps(s0, s1)));
+  }
 
   static CV h_rows(const Stretch<Layer>& st, index_t s0, index_t s1) {
     return CV(st.h.view()).reshape(with_tokens(st.n(), Layer::state_dims())).slice(s0, s1);
@@ -254,12 +321,11 @@ struct ShardTapes {
   }
 };
 
-// Forward over one stretch: fills st from y_ext ([halo + n, d_model], the halo rows first)
-// and the state h0 before it (empty: zero); writes the last state to h_last when given.
+// Normalises the stretch's input and computes its features: fills st from y_ext
+// ([halo + n, d_model], the halo rows first) and the state h0 before it (empty: zero).
 template <class Layer>
-void compute_stretch(const Block<Layer>& blk, typename LayerTypes<Layer>::CV y_ext, typename LayerTypes<Layer>::CV h0,
-                     Stretch<Layer>& st, TensorView<typename Layer::value_type, LayerTypes<Layer>::space> h_last = {},
-                     Resets resets = {}) {
+void prepare_stretch(const Block<Layer>& blk, typename LayerTypes<Layer>::CV y_ext, typename LayerTypes<Layer>::CV h0,
+                     Stretch<Layer>& st, Resets resets = {}) {
   using T = typename Layer::value_type;
   using Ty = LayerTypes<Layer>;
   using Tens = typename Ty::Tens;
@@ -271,6 +337,9 @@ void compute_stretch(const Block<Layer>& blk, typename LayerTypes<Layer>::CV y_e
   const index_t n = y_ext.extent(0) - halo, S = state_numel(sd);
   st.y_ext = y_ext;
   st.resets = resets;
+  st.fused = false;
+  st.a = Tens();
+  st.h = Tens();
   st.u = Tens(y_ext.dims(), Tag::Activations);
   assign(st.u.view(), rms_norm(y_ext, blk.norm.weight.value, blk.norm.eps));
   if constexpr (Ty::num_features > 0) {
@@ -284,22 +353,380 @@ void compute_stretch(const Block<Layer>& blk, typename LayerTypes<Layer>::CV y_e
     auto fe = blk.mixer.features(ShardTapes<Layer>::u_rows(st, 0, n), st.mask_cols(0, n));
     detail::for_each_index<Ty::num_features>([&](auto I) { st.f[I] = eval(std::get<I>(fe), Tag::Activations); });
   }
-  const auto maps = st.maps(0, n);
-  st.a = Tens(Dims{1, n, S}, Tag::Activations);
-  assign(st.a.view().reshape(with_tokens(n, sd)), broadcast_to(blk.mixer.decay(maps), with_tokens(n, sd)));
-  detail::zero_rows_at_starts(st.a.view(), resets);
-  st.h = Tens(Dims{1, n, S}, Tag::Activations);
-  assign(st.h.view().reshape(with_tokens(n, sd)), blk.mixer.inject(maps));
   st.h0 = zeros<T, space>(Dims{1, S}, Tag::Activations);
   if (h0.data()) copy<T>(st.h0.view(), h0.reshape(Dims{1, S}));
+}
+
+// The materialised scan of a prepared stretch: a and h as [1, n, S] tensors.
+template <class Layer>
+void materialize_scan(const Block<Layer>& blk, Stretch<Layer>& st,
+                      TensorView<typename Layer::value_type, LayerTypes<Layer>::space> h_last = {}) {
+  using T = typename Layer::value_type;
+  using Ty = LayerTypes<Layer>;
+  using Tens = typename Ty::Tens;
+  constexpr Space space = Ty::space;
+  const Dims sd = Layer::state_dims();
+  const index_t n = st.n(), S = state_numel(sd);
+  const auto maps = st.maps(0, n);
+  st.fused = false;
+  st.a = Tens(Dims{1, n, S}, Tag::Activations);
+  assign(st.a.view().reshape(with_tokens(n, sd)), broadcast_to(blk.mixer.decay(maps), with_tokens(n, sd)));
+  detail::zero_rows_at_starts(st.a.view(), st.resets);
+  st.h = Tens(Dims{1, n, S}, Tag::Activations);
+  assign(st.h.view().reshape(with_tokens(n, sd)), blk.mixer.inject(maps));
   linear_scan<T, space>(st.a.view(), st.h.view(), st.h.view(), st.h0.view(), h_last);
 }
 
-// y_out = y_in + readout(h, maps) for a computed stretch.
+// Forward over one stretch on the materialised path: prepare_stretch, then a and h
+// ([1, n, S]); writes the last state to h_last when given.
+template <class Layer>
+void compute_stretch(const Block<Layer>& blk, typename LayerTypes<Layer>::CV y_ext, typename LayerTypes<Layer>::CV h0,
+                     Stretch<Layer>& st, TensorView<typename Layer::value_type, LayerTypes<Layer>::space> h_last = {},
+                     Resets resets = {}) {
+  prepare_stretch(blk, y_ext, h0, st, resets);
+  materialize_scan(blk, st, h_last);
+}
+
+// y_out = y_in + readout(h, maps) for a stretch computed on the materialised path.
 template <class Layer>
 void write_output(const Block<Layer>& blk, const Stretch<Layer>& st,
                   TensorView<typename Layer::value_type, LayerTypes<Layer>::space> y_out) {
   assign(y_out, leaf(st.y_in()) + blk.mixer.readout(ShardTapes<Layer>::h_rows(st, 0, st.n()), st.maps(0, st.n())));
+}
+
+// ---- the fused path (nn/fused.hpp) ------------------------------------------------------------
+
+namespace detail {
+
+// The readout's pieces on the fused path: the expression with a StateLeaf, its reduction
+// over the state (`red`), and the buffer that holds the reduction's value.
+template <class Layer>
+struct FusedReadout {
+  using Fu = Fusion<Layer>;
+  using T = typename Fu::T;
+  static constexpr Space S = Fu::S;
+  using Red = typename Fu::Reduction;
+  typename Fu::ReadoutE expr;
+  const Red* red = nullptr;
+  FusedReadout(const Layer& layer, const typename Fu::MapInput& maps, const Dims& domain)
+      : expr(layer.readout(StateRef<T, S>{domain}, maps)) {
+    auto find = [this](const auto& r) {
+      if constexpr (std::is_same_v<std::decay_t<decltype(r)>, Red>) red = &r;
+    };
+    expr::StateReduceVisitor::go(expr, find);
+  }
+  // The reduction's value (or cotangent) as the domain reads it: the reduced axis broadcast.
+  template <class U>
+  TensorView<U, S> domain_view(TensorView<U, S> v) const {
+    return red->keepdim ? v : expr::unsqueezed_view(v, red->axis);
+  }
+  // Whether the domain runs this reduction as fused: over a state axis of the whole domain.
+  bool runs_fused(const Dims& domain) const { return red->axis > 0 && red->child.dims() == domain; }
+  T scale() const {
+    return std::is_same_v<typename Fu::Reduction, expr::Reduce<op::MeanReduce, typename Fu::X>>
+               ? T(1) / T(red->child.dims()[red->axis])
+               : T(1);
+  }
+  // The reduction's value as the domain accumulates it: [copies, numel] (one copy per tile
+  // when the reduced axis is tiled).
+  struct Value {
+    Tensor<T, S> buf;
+    index_t copies = 1, numel = 0;
+  };
+  Value make_value(const fused::TilePlan& plan) const {
+    Value v;
+    v.numel = red->dims().numel();
+    index_t st[4];
+    fused::walk_strides(TensorView<const T, S>(domain_view(TensorView<T, S>(nullptr, red->dims()))), plan, st);
+    v.copies = fused::needs_tile_copies(st, plan) ? plan.ntiles : 1;
+    v.buf = zeros<T, S>(Dims{v.copies * v.numel}, Tag::Workspace);
+    return v;
+  }
+  expr::LiftDst<T> dst(Value& v, const fused::TilePlan& plan) const {
+    return fused::make_dst<T, S>(domain_view(TensorView<T, S>(v.buf.data(), red->dims())), plan,
+                                 v.copies > 1 ? v.numel : 0);
+  }
+  // Sums the tile copies into copy 0, scales a mean, and views the result.
+  TensorView<const T, S> finish(Value& v) const {
+    TensorView<T, S> total(v.buf.data(), Dims{v.numel});
+    for (index_t k = 1; k < v.copies; ++k)
+      accumulate(total, leaf(TensorView<const T, S>(v.buf.data() + k * v.numel, Dims{v.numel})));
+    const T sc = scale();
+    if (sc != T(1)) assign(total, leaf(TensorView<const T, S>(total)) * sc);
+    return TensorView<const T, S>(v.buf.data(), red->dims());
+  }
+  // The readout with the reduction replaced by the leaf `value`.
+  auto rest(TensorView<const T, S> value) const {
+    return expr::SubstituteStateReduce<T, S>{expr::Leaf<T, S>(value)}(expr);
+  }
+};
+
+// Whether this stretch can run fused (the runtime half of the rule: the reduction is over a
+// state axis of the whole domain).
+template <class Layer>
+bool stretch_runs_fused(const Block<Layer>& blk, const Stretch<Layer>& st) {
+  if constexpr (!Fusion<Layer>::value) {
+    return false;
+  } else {
+    const Dims domain = with_tokens(st.n(), Layer::state_dims());
+    return FusedReadout<Layer>(blk.mixer, st.maps(0, st.n()), domain).runs_fused(domain);
+  }
+}
+
+// ---- the structured chunked scan (nn/structured.hpp) ----------------------------------------
+
+// Whether a fused layer's maps have the structured shape at the type level: a rank-2 state,
+// the decay one operand, the inject a product of two operands, the readout's reduction
+// over the state times an operand.
+template <class E>
+struct is_plain_operand
+    : std::bool_constant<!expr::is_lifted<E>::value && !std::is_same_v<E, expr::Constant<typename E::value_type>>> {};
+template <class E>
+struct mul_of_operands : std::false_type {};
+template <class L, class R>
+struct mul_of_operands<expr::Binary<op::Mul, L, R>>
+    : std::bool_constant<is_plain_operand<L>::value && is_plain_operand<R>::value> {};
+template <class E>
+struct state_times_operand : std::false_type {};
+template <class T, Space S, class C>
+struct state_times_operand<expr::Binary<op::Mul, expr::StateLeaf<T, S>, C>> : is_plain_operand<C> {
+  static constexpr bool state_left = true;
+};
+template <class T, Space S, class C>
+struct state_times_operand<expr::Binary<op::Mul, C, expr::StateLeaf<T, S>>> : is_plain_operand<C> {
+  static constexpr bool state_left = false;
+};
+template <class Layer, bool = Fusion<Layer>::value>
+struct StructuredShape : std::false_type {};
+template <class Layer>
+struct StructuredShape<Layer, true>
+    : std::bool_constant<is_plain_operand<typename Fusion<Layer>::DecayE>::value &&
+                         mul_of_operands<typename Fusion<Layer>::InjectE>::value &&
+                         state_times_operand<typename Fusion<Layer>::X>::value> {};
+
+// A walk's strides in the natural order [.., t, p, n].
+inline void natural_strides(const fused::TilePlan& plan, const index_t (&walk)[4], index_t (&st)[4]) {
+  for (int k = 0; k < 4; ++k) st[k] = walk[k];
+  if (plan.transposed) std::swap(st[2], st[3]);
+}
+
+// The structured scan of one fused stretch (state [P, N]), when its operands have the shape
+// at run time: the decay and β constant along P, x constant along N, c constant along P,
+// the reduction over N, and every decay in (0, 1.5] (0 only at a document start; a decay
+// of a stable layer is in (0, 1], rounding may put it an ulp above).
+template <class T>
+struct Structured {
+  struct Operand {  // an operand's evaluator with natural strides
+    expr::LiftOperand<T> node;
+    index_t sv[4], sd[4];  // value and cotangent strides
+    T value(index_t t, index_t p, index_t k) const { return node.src.base[t * sv[1] + p * sv[2] + k * sv[3]]; }
+    void add(index_t t, index_t p, index_t k, T g) const { node.dst.base0[t * sd[1] + p * sd[2] + k * sd[3]] += g; }
+  };
+  bool ok = false;
+  structured::Inputs<T> in;
+  Work<T> a;  // [n, N], the decays
+  Operand oa, ox, ob, oc;
+
+  static Operand make(const fused::TilePlan& plan, const expr::LiftOperand<T>& o) {
+    Operand r;
+    r.node = o;
+    natural_strides(plan, o.src.st, r.sv);
+    natural_strides(plan, o.dst.st, r.sd);
+    return r;
+  }
+  // The operands of the decay (dn), the inject (bn: x * β in either order) and the
+  // readout's reduced tree (xn: h * c in either order), reduced over `axis`.
+  template <class BN>
+  Structured(const fused::TilePlan& plan, const expr::LiftOperand<T>& dn, const BN& bn, const expr::LiftOperand<T>& cn,
+             int axis, Resets resets) {
+    if (plan.state_rank() != 2 || axis != 2) return;
+    oa = make(plan, dn);
+    Operand l = make(plan, bn.lhs), r = make(plan, bn.rhs);
+    if (l.sv[3] == 0 && r.sv[2] == 0) {
+      ox = l;
+      ob = r;
+    } else if (r.sv[3] == 0 && l.sv[2] == 0) {
+      ox = r;
+      ob = l;
+    } else {
+      return;
+    }
+    oc = make(plan, cn);
+    if (oa.sv[2] != 0 || oc.sv[2] != 0) return;
+    const index_t n = plan.n, P = plan.state_dims[0], N = plan.state_dims[1];
+    in.n = n;
+    in.P = P;
+    in.N = N;
+    in.la = Work<T>(std::size_t(n * N));
+    in.beta = Work<T>(std::size_t(n * N));
+    in.c = Work<T>(std::size_t(n * N));
+    in.x = Work<T>(std::size_t(n * P));
+    in.seg.resize(std::size_t(n));
+    a = Work<T>(std::size_t(n * N));
+    index_t seg = -1;
+    for (index_t t = 0; t < n; ++t) {
+      const bool start = resets.any() && resets.starts[t];
+      if (start) seg = t;
+      in.seg[std::size_t(t)] = seg;
+      for (index_t k = 0; k < N; ++k) {
+        const T av = oa.value(t, 0, k);
+        a[std::size_t(t * N + k)] = av;
+        // Outside (0, 1.5] (or NaN) the elementwise scan: e^{A^t - A^s} stays below 1.5^64.
+        if (!start && !(av > T(0) && av <= T(1.5))) return;
+        in.la[std::size_t(t * N + k)] = start ? T(0) : std::log(av);
+        in.beta[std::size_t(t * N + k)] = ob.value(t, 0, k);
+        in.c[std::size_t(t * N + k)] = oc.value(t, 0, k);
+      }
+      for (index_t p = 0; p < P; ++p) in.x[std::size_t(t * P + p)] = ox.value(t, p, 0);
+    }
+    ok = true;
+  }
+  // Π a over the stretch into prod ([P, N]): 0 past a document start.
+  void decay_product(T* prod) const {
+    const index_t N = in.N, P = in.P;
+    for (index_t k = 0; k < N; ++k) {
+      T q = T(1);
+      for (index_t t = 0; t < in.n; ++t) q = in.seg[std::size_t(t)] >= 0 ? T(0) : q * a[std::size_t(t * N + k)];
+      for (index_t p = 0; p < P; ++p) prod[p * N + k] *= q;
+    }
+  }
+  // Adds the gradients into the operands' cotangents (those that want them).
+  void scatter(const structured::Grads<T>& g) const {
+    const index_t n = in.n, P = in.P, N = in.N;
+    for (index_t t = 0; t < n; ++t) {
+      for (index_t k = 0; k < N; ++k) {
+        const std::size_t i = std::size_t(t * N + k);
+        if (oa.node.grad && in.seg[std::size_t(t)] != t) oa.add(t, 0, k, g.la[i] / a[i]);  // d(log a) / da = 1 / a
+        if (ob.node.grad) ob.add(t, 0, k, g.beta[i]);
+        if (oc.node.grad) oc.add(t, 0, k, g.c[i]);
+      }
+      if (ox.node.grad)
+        for (index_t p = 0; p < P; ++p) ox.add(t, p, 0, g.x[std::size_t(t * P + p)]);
+    }
+  }
+};
+
+// The operand c of the readout's reduced tree h * c (or c * h).
+template <class X, class XN>
+const auto& readout_operand(const XN& xn) {
+  if constexpr (state_times_operand<X>::state_left)
+    return xn.rhs;
+  else
+    return xn.lhs;
+}
+
+// Whether the structured scan may run for a layer (the type-level shape).
+template <class Layer>
+inline constexpr bool structured_shape_v = StructuredShape<Layer>::value;
+
+}  // namespace detail
+
+// How a stretch is scanned: materialised a and h ([tokens x state] tensors, the reference);
+// the fused scan (nn/fused.hpp); or the structured chunked scan (nn/structured.hpp) where
+// the maps have its shape, else the fused one. Each falls back to the one before it where
+// the layer does not fit.
+enum class ScanPath { materialised, fused, structured };
+
+// How many stretch passes (forward or backward) took each path since the last reset: the
+// way to see that a layer runs the path it should (a silent fall-back shows here).
+struct ScanCounts {
+  std::uint64_t materialised = 0, fused = 0, structured = 0;
+};
+namespace detail {
+inline std::array<std::atomic<std::uint64_t>, 3>& scan_counters() {
+  static std::array<std::atomic<std::uint64_t>, 3> c{};
+  return c;
+}
+inline void count_scan(ScanPath p) { scan_counters()[std::size_t(p)].fetch_add(1, std::memory_order_relaxed); }
+}  // namespace detail
+inline ScanCounts scan_counts() {
+  const auto& c = detail::scan_counters();
+  return {c[0].load(), c[1].load(), c[2].load()};
+}
+inline void reset_scan_counts() {
+  for (auto& c : detail::scan_counters()) c.store(0);
+}
+
+// What a forward pass over one stretch writes (each optional).
+template <class T, Space S>
+struct StretchForward {
+  TensorView<T, S> h_last;      // [1, S], the state after the stretch
+  TensorView<T, S> y_out;       // [n, d_model], y_in + readout
+  TensorView<T, S> decay_prod;  // [1, S], multiplied by Π a over the stretch (sequence sharding)
+};
+
+// The forward pass of one stretch: prepare_stretch, then the scan. On the fused paths (for a
+// layer whose maps fuse: Fusion), one pass computes what `out` asks for and st keeps no
+// [tokens × state] tensor (st.fused; backward_stretch recomputes on the fly); otherwise a
+// and h are materialised in st.
+template <class Layer>
+void forward_stretch(const Block<Layer>& blk, typename LayerTypes<Layer>::CV y_ext, typename LayerTypes<Layer>::CV h0,
+                     Stretch<Layer>& st, Resets resets, ScanPath path,
+                     const StretchForward<typename Layer::value_type, LayerTypes<Layer>::space>& out = {}) {
+  using T = typename Layer::value_type;
+  using Ty = LayerTypes<Layer>;
+  using CV = typename Ty::CV;
+  constexpr Space space = Ty::space;
+  prepare_stretch(blk, y_ext, h0, st, resets);
+  const index_t n = st.n();
+  if constexpr (Fusion<Layer>::value) {
+    if (path != ScanPath::materialised && detail::stretch_runs_fused(blk, st)) {
+      using Fu = Fusion<Layer>;
+      st.fused = true;
+      st.structured = path == ScanPath::structured;
+      if (!out.h_last.data() && !out.y_out.data() && !out.decay_prod.data()) return;  // for backward_stretch
+      const Dims sd = Layer::state_dims(), domain = with_tokens(n, sd);
+      const fused::TilePlan plan = fused::make_plan<T>(n, sd);
+      const fused::BuildContext<T, space> ctx{&plan, nullptr, false};
+      const auto maps = st.maps(0, n);
+      fused::LiftBuild<typename Fu::DecayE, T, space> decay(blk.mixer.decay(maps), ctx);
+      fused::LiftBuild<typename Fu::InjectE, T, space> inject(blk.mixer.inject(maps), ctx);
+      fused::host::ForwardIO<T> io;
+      io.h0 = st.h0.data();
+      io.h_last = out.h_last.data();
+      io.decay_prod = out.decay_prod.data();
+      io.starts = resets.starts;
+      const auto dn = decay.node();
+      const auto bn = inject.node();
+      if (!out.y_out.data()) {
+        using XN = expr::lift_node_t<typename Fu::X, T>;
+        detail::count_scan(ScanPath::fused);
+        fused::host::forward<T>(plan, dn, bn, static_cast<const XN*>(nullptr), nullptr, io);
+        return;
+      }
+      const detail::FusedReadout<Layer> ro(blk.mixer, maps, domain);
+      fused::LiftBuild<typename Fu::X, T, space> x(ro.red->child, ctx);
+      auto value = ro.make_value(plan);
+      const auto xn = x.node();
+      if constexpr (detail::structured_shape_v<Layer>) {
+        if (st.structured) {
+          const detail::Structured<T> sp(plan, dn, bn, detail::readout_operand<typename Fu::X>(xn), ro.red->axis,
+                                         resets);
+          if (sp.ok) {  // the reduction's value is copy 0 of `value`, [n, P]
+            detail::count_scan(ScanPath::structured);
+            structured::forward<T>(sp.in, st.h0.data(), value.buf.data(), out.h_last.data());
+            if (out.decay_prod.data()) sp.decay_product(out.decay_prod.data());
+            assign(out.y_out, leaf(st.y_in()) + ro.rest(ro.finish(value)));
+            return;
+          }
+        }
+      }
+      const auto yd = ro.dst(value, plan);
+      detail::count_scan(ScanPath::fused);
+      fused::host::forward<T>(plan, dn, bn, &xn, &yd, io);
+      assign(out.y_out, leaf(st.y_in()) + ro.rest(ro.finish(value)));
+      return;
+    }
+  }
+  detail::count_scan(ScanPath::materialised);
+  materialize_scan(blk, st, out.h_last);
+  if (out.y_out.data()) write_output(blk, st, out.y_out);
+  if (out.decay_prod.data()) {  // Π a in token order: the scan of (a, 0) from decay_prod
+    const Tensor<T, space> zero = zeros<T, space>(Dims{1, state_numel(Layer::state_dims())}, Tag::Workspace);
+    Tensor<T, space> prods(st.a.dims(), Tag::Workspace);
+    linear_scan<T, space>(CV(st.a.view()), detail::repeat_row<T, space>(zero.data(), n, zero.extent(1)), prods.view(),
+                          CV(out.decay_prod), out.decay_prod);
+  }
 }
 
 // How the adjoint state δ of a stretch is formed from dL/dh (the readout's direct part).
@@ -358,9 +785,11 @@ TensorView<const T, S> cview(const Tensor<T, S>& t) {
 // δ^i = r^i + φ^i ⊙ q_next[min(i-1, L'-1)], with r the in-block reverse scan,
 // φ^i = Π_{j=i+1..end} a^j and q_next[m] = Σ_{t=s'}^{s'+m} (Π_{j=s'..t} a^j) g^t accumulated
 // over the next block (of length L').
+// q_next ([1, L', W], empty for the last block) and q_out ([1, L, W], empty when not wanted)
+// may be column slices of wider tensors.
 template <class T, Space S>
 void truncated_delta(TensorView<const T, S> a, TensorView<const T, S> gh, TensorView<T, S> delta,
-                     const Tensor<T, S>* q_next, Tensor<T, S>* q_out) {
+                     TensorView<const T, S> q_next, TensorView<T, S> q_out) {
   using CV = TensorView<const T, S>;
   const index_t n = a.extent(1), W = a.extent(2);
   reverse_linear_scan<T, S>(a, gh, delta);
@@ -370,22 +799,21 @@ void truncated_delta(TensorView<const T, S> a, TensorView<const T, S> gh, Tensor
   const CV zero_seq = repeat_row<T, S>(consts.data(), n, W);
   const CV one_seq = repeat_row<T, S>(consts.data() + W, n, W);
   const CV ones(consts.data() + W, Dims{1, W});
-  if (q_next && !q_next->empty() && n > 1) {
+  if (q_next.data() && n > 1) {
     Tensor<T, S> phi(Dims{1, n, W}, Tag::Workspace);  // φ^i = Π_{j=i+1..end} a^j
     reverse_linear_scan<T, S>(a, zero_seq, phi.view(), ones);
-    const CV q = q_next->view(), p = phi.view();
+    const CV q = q_next, p = phi.view();
     const index_t ln = q.extent(1), i1 = std::min(n, ln + 1);
     // i in [1, i1): q_next[i - 1]; i in [i1, n): its last row.
     accumulate(delta.slice(1, 1, i1), leaf(p.slice(1, 1, i1)) * leaf(q.slice(1, 0, i1 - 1)));
     if (i1 < n)
       accumulate(delta.slice(1, i1, n),
-                 leaf(p.slice(1, i1, n)) * leaf(repeat_row<T, S>(q.data() + (ln - 1) * W, n - i1, W)));
+                 leaf(p.slice(1, i1, n)) * leaf(repeat_row<T, S>(q.data() + (ln - 1) * q.stride(1), n - i1, W)));
   }
-  if (q_out) {
-    *q_out = Tensor<T, S>(Dims{1, n, W}, Tag::Workspace);
-    linear_scan<T, S>(a, zero_seq, q_out->view(), ones);  // Π_{j=s..t} a^j
-    assign(q_out->view(), leaf(*q_out) * leaf(gh));
-    linear_scan<T, S>(one_seq, cview(*q_out), q_out->view());  // running sum, in place
+  if (q_out.data()) {
+    linear_scan<T, S>(a, zero_seq, q_out, ones);  // Π_{j=s..t} a^j
+    assign(q_out, leaf(CV(q_out)) * leaf(gh));
+    linear_scan<T, S>(one_seq, CV(q_out), q_out);  // running sum, in place
   }
 }
 
@@ -445,6 +873,142 @@ void paper_delta(TensorView<const T, S> a, TensorView<const T, S> gh, TensorView
   else
     paper_delta_by_distance<T, S>(a, gh, delta, window);
 }
+
+// TruncatedAdjoint's carried sums: the next block's (read) and this block's ([1, n, S],
+// allocated here when wanted).
+template <class T, Space S>
+TensorView<const T, S> q_next_view(const StretchBackward<T, S>& opt) {
+  return opt.q_next && !opt.q_next->empty() ? TensorView<const T, S>(opt.q_next->view()) : TensorView<const T, S>();
+}
+template <class T, Space S>
+TensorView<T, S> q_out_view(StretchBackward<T, S>& opt, index_t n, index_t width) {
+  if (!opt.q_out) return {};
+  *opt.q_out = Tensor<T, S>(Dims{1, n, width}, Tag::Workspace);
+  return opt.q_out->view();
+}
+}  // namespace detail
+
+namespace detail {
+// Phases 1 and 2 of a fused stretch (see nn/fused.hpp): the reduction's value (one forward
+// pass), dL/d(reduction) through the rest of the readout, then one backward pass that
+// recomputes a and h, reverse-scans δ and collects the operands' cotangents; finally the
+// operands' own backward passes into `tg` (parameters and maps' input).
+template <class Layer>
+void fused_maps_backward(Block<Layer>& blk, const Stretch<Layer>& st, typename LayerTypes<Layer>::CV G,
+                         StretchBackward<typename Layer::value_type, LayerTypes<Layer>::space>& opt,
+                         const GradTargets<typename Layer::value_type, LayerTypes<Layer>::space>& tg) {
+  using T = typename Layer::value_type;
+  using Fu = Fusion<Layer>;
+  using CV = typename LayerTypes<Layer>::CV;
+  constexpr Space space = LayerTypes<Layer>::space;
+  const Dims sd = Layer::state_dims();
+  const index_t n = st.n(), S = state_numel(sd);
+  const Dims domain = with_tokens(n, sd);
+  const fused::TilePlan plan = fused::make_plan<T>(n, sd);
+  const bool grads = !opt.adjoint_only;
+  const fused::BuildContext<T, space> ctx{&plan, grads ? &tg : nullptr, true};
+  const auto maps = st.maps(0, n);
+  fused::LiftBuild<typename Fu::DecayE, T, space> decay(blk.mixer.decay(maps), ctx);
+  fused::LiftBuild<typename Fu::InjectE, T, space> inject(blk.mixer.inject(maps), ctx);
+  const FusedReadout<Layer> ro(blk.mixer, maps, domain);
+  fused::LiftBuild<typename Fu::X, T, space> x(ro.red->child, ctx);
+  const auto dn = decay.node();
+  const auto bn = inject.node();
+  const auto xn = x.node();
+  if constexpr (structured_shape_v<Layer>) {
+    if (st.structured && opt.method == DeltaMethod::exact) {
+      const Structured<T> sp(plan, dn, bn, readout_operand<typename Fu::X>(xn), ro.red->axis, st.resets);
+      if (sp.ok) {
+        count_scan(ScanPath::structured);
+        // The reduction's value ([n, P]), its cotangent through the rest of the readout, then
+        // the structured backward pass.
+        Tensor<T, space> value(ro.red->dims(), Tag::Workspace);
+        structured::Saved<T> saved;
+        structured::forward<T>(sp.in, st.h0.data(), value.data(), nullptr, &saved);
+        if (ro.scale() != T(1)) assign(value.view(), leaf(CV(value.view())) * ro.scale());
+        Tensor<T, space> g_red = zeros<T, space>(ro.red->dims(), Tag::Workspace);
+        {
+          auto rest = ro.rest(CV(value.view()));
+          Tape<decltype(rest), space> tape(rest);
+          GradTargets<T, space> rtg;
+          if (grads) rtg = tg;
+          rtg.push_back(wrt(CV(value.view()), g_red));
+          backward(rest, tape, G, rtg);
+        }
+        if (ro.scale() != T(1)) assign(g_red.view(), leaf(CV(g_red.view())) * ro.scale());
+        structured::Grads<T> sg;
+        structured::backward<T>(sp.in, saved, g_red.data(), opt.carry_in.data(), sg);
+        if (opt.carry_out.data()) std::copy(sg.h0.begin(), sg.h0.end(), opt.carry_out.data());
+        if (!grads) return;
+        sp.scatter(sg);
+        decay.backward(tg);
+        inject.backward(tg);
+        x.backward(tg);
+        return;
+      }
+    }
+  }
+  count_scan(ScanPath::fused);
+  // The reduction's value (a forward pass), and its cotangent from the rest of the readout.
+  auto value = ro.make_value(plan);
+  {
+    const auto fd = decay.node(false);
+    const auto fb = inject.node(false);
+    const auto fx = x.node(false);
+    const auto yd = ro.dst(value, plan);
+    fused::host::ForwardIO<T> io;
+    io.h0 = st.h0.data();
+    io.starts = st.resets.starts;
+    fused::host::forward<T>(plan, fd, fb, &fx, &yd, io);
+  }
+  const CV red_value = ro.finish(value);
+  Tensor<T, space> g_red = zeros<T, space>(ro.red->dims(), Tag::Workspace);
+  {
+    auto rest = ro.rest(red_value);
+    Tape<decltype(rest), space> tape(rest);
+    GradTargets<T, space> rtg;
+    if (grads) rtg = tg;
+    rtg.push_back(wrt(red_value, g_red));
+    backward(rest, tape, G, rtg);
+  }
+  // The backward pass over the tiles.
+  fused::host::BackwardIO<T> io;
+  io.h0 = st.h0.data();
+  io.starts = st.resets.starts;
+  io.carry_in = opt.method == DeltaMethod::exact ? opt.carry_in.data() : nullptr;
+  io.carry_out = opt.carry_out.data();
+  io.maps_grad = grads;
+  TensorView<const T, space> q_next = q_next_view(opt);
+  TensorView<T, space> q_out;
+  if (opt.method == DeltaMethod::truncated) {
+    q_out = q_out_view(opt, n, S);
+    io.delta = [&](TensorView<const T> a, TensorView<const T> gh, TensorView<T> delta, index_t k) {
+      // The tile's columns of the carried sums ([1, L, S] <-> [1, L, w]), in its order.
+      const index_t w = a.extent(2);
+      Tensor<T> qn, qo;
+      if (q_next.data()) {
+        qn = Tensor<T>(Dims{1, q_next.extent(1), w}, Tag::Workspace);
+        for (index_t r = 0; r < q_next.extent(1); ++r)
+          fused::host::gather_state(plan, k, q_next.data() + r * S, qn.data() + r * w);
+      }
+      if (q_out.data()) qo = Tensor<T>(Dims{1, n, w}, Tag::Workspace);
+      truncated_delta<T, space>(a, gh, delta, qn.empty() ? TensorView<const T>() : TensorView<const T>(qn.view()),
+                                qo.empty() ? TensorView<T>() : qo.view());
+      if (q_out.data())
+        for (index_t r = 0; r < n; ++r) fused::host::scatter_state(plan, k, qo.data() + r * w, q_out.data() + r * S);
+    };
+  } else if (opt.method == DeltaMethod::paper) {
+    io.delta = [&](TensorView<const T> a, TensorView<const T> gh, TensorView<T> delta, index_t) {
+      paper_delta<T, space>(a, gh, delta, opt.window);
+    };
+  }
+  const expr::LiftSrc<T> gs = fused::make_src<T, space>(ro.domain_view(CV(g_red.view())), plan);
+  fused::host::backward<T>(plan, dn, bn, xn, gs, ro.scale(), io);
+  if (!grads) return;
+  decay.backward(tg);
+  inject.backward(tg);
+  x.backward(tg);
+}
 }  // namespace detail
 
 // Backward over one computed stretch with output cotangent G ([n, d_model]).
@@ -476,10 +1040,6 @@ void backward_stretch(Block<Layer>& blk, const Stretch<Layer>& st, typename Laye
   const index_t nshards = (n + shard - 1) / shard;
   sg.reset(params, nshards);
 
-  CV h_all = st.h.view();
-  CV h3 = h_all.reshape(with_tokens(n, sd));
-  Tens gh = zeros<T, space>(Dims{1, n, S}, Tag::Workspace);  // dL/dh, direct part
-  TensorView<T, space> gh3 = gh.view().reshape(with_tokens(n, sd));
   // dL/d(maps' input): U's token rows, or each feature.
   std::array<Tens, NF == 0 ? 1 : NF> dmaps;
   if constexpr (NF == 0)
@@ -501,68 +1061,85 @@ void backward_stretch(Block<Layer>& blk, const Stretch<Layer>& st, typename Laye
     for (index_t s = 0; s < nshards; ++s) local.emplace_back(blk, st, s * shard, std::min(n, (s + 1) * shard));
   }
 
-  // Phase 1: readout VJPs, shard-parallel.
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(static) if (threads && nshards > 1)
-#endif
-  for (index_t s = 0; s < nshards; ++s) {
-    const index_t s0 = s * shard, s1 = std::min(n, s0 + shard);
-    CV hs = h3.slice(s0, s1);
-    auto tg = param_targets(params, sg.g[std::size_t(s)]);
-    tg.push_back(wrt(hs, gh3.slice(s0, s1)));
-    map_targets(tg, s0, s1);
-    backward(blk.mixer.readout(hs, st.maps(s0, s1)), tapes[std::size_t(s)].readout, G.slice(s0, s1), tg);
-  }
-
-  // The adjoint state.
-  Tens delta(Dims{1, n, S}, Tag::Workspace);
-  CV a = st.a.view();
-  switch (opt.method) {
-    case DeltaMethod::exact:
-      reverse_linear_scan<T, space>(a, detail::cview(gh), delta.view(), opt.carry_in);
-      break;
-    case DeltaMethod::truncated:
-      detail::truncated_delta<T, space>(a, detail::cview(gh), delta.view(), opt.q_next, opt.q_out);
-      break;
-    case DeltaMethod::paper:
-      detail::paper_delta<T, space>(a, detail::cview(gh), delta.view(), opt.window);
-      break;
-  }
-  if (opt.carry_out.data())
-    assign(opt.carry_out.reshape(Dims{1, 1, S}), leaf(a.slice(1, 0, 1)) * leaf(CV(delta.view()).slice(1, 0, 1)));
-  if (opt.adjoint_only) return;  // the shards' parameter gradients are dropped, never added
-
-  // Phase 2: decay and inject VJPs, shard-parallel.
-  CV delta3 = CV(delta.view()).reshape(with_tokens(n, sd));
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(static) if (threads && nshards > 1)
-#endif
-  for (index_t s = 0; s < nshards; ++s) {
-    const index_t s0 = s * shard, s1 = std::min(n, s0 + shard), ns = s1 - s0;
-    CV ds = delta3.slice(s0, s1);
-    auto& grads = sg.g[std::size_t(s)];
-    // h^{t-1} for the shard's tokens: the stretch's h0 before its first token.
-    Tens hprev_first;
-    CV hprev;
-    if (s0 > 0) {
-      hprev = h3.slice(s0 - 1, s1 - 1);
-    } else {
-      hprev_first = Tens(with_tokens(ns, sd), Tag::Workspace);
-      TensorView<T, space> rows = hprev_first.view().reshape(Dims{ns, S});
-      copy<T>(rows.slice(0, 1), CV(st.h0.view()));
-      if (ns > 1) copy<T>(rows.slice(1, ns), h_all.reshape(Dims{n, S}).slice(0, ns - 1));
-      hprev = hprev_first.view();
+  if (st.fused) {
+    // Phases 1 and 2 in one fused pass; parameter gradients of the whole stretch go to
+    // shard 0's buffers (the products are GEMMs over the stretch).
+    if constexpr (Fusion<Layer>::value) {
+      auto tg = param_targets(params, sg.g[0]);
+      map_targets(tg, 0, n);
+      detail::fused_maps_backward(blk, st, G, opt, tg);
     }
-    const auto maps = st.maps(s0, s1);
-    auto decay_e = blk.mixer.decay(maps);
-    Tens da_full = eval(leaf(ds) * leaf(hprev), Tag::Workspace);  // dL/da = δ ⊙ h^{t-1}
-    // a^t = 0 at a document start: no gradient reaches the decay map there.
-    detail::zero_rows_at_starts(da_full.view().reshape(Dims{1, ns, S}), st.resets.offset(s0));
-    Tens da = autodiff::reduce_to(CV(da_full.view()), decay_e.dims());
-    auto tg = param_targets(params, grads);
-    map_targets(tg, s0, s1);
-    backward(decay_e, tapes[std::size_t(s)].decay, CV(da.view()), tg);
-    backward(blk.mixer.inject(maps), tapes[std::size_t(s)].inject, ds, tg);  // dL/db = δ
+    if (opt.adjoint_only) return;
+  } else {
+    detail::count_scan(ScanPath::materialised);
+    CV h_all = st.h.view();
+    CV h3 = h_all.reshape(with_tokens(n, sd));
+    Tens gh = zeros<T, space>(Dims{1, n, S}, Tag::Workspace);  // dL/dh, direct part
+    TensorView<T, space> gh3 = gh.view().reshape(with_tokens(n, sd));
+
+    // Phase 1: readout VJPs, shard-parallel.
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) if (threads && nshards > 1)
+#endif
+    for (index_t s = 0; s < nshards; ++s) {
+      const index_t s0 = s * shard, s1 = std::min(n, s0 + shard);
+      CV hs = h3.slice(s0, s1);
+      auto tg = param_targets(params, sg.g[std::size_t(s)]);
+      tg.push_back(wrt(hs, gh3.slice(s0, s1)));
+      map_targets(tg, s0, s1);
+      backward(blk.mixer.readout(hs, st.maps(s0, s1)), *tapes[std::size_t(s)].readout, G.slice(s0, s1), tg);
+    }
+
+    // The adjoint state.
+    Tens delta(Dims{1, n, S}, Tag::Workspace);
+    CV a = st.a.view();
+    switch (opt.method) {
+      case DeltaMethod::exact:
+        reverse_linear_scan<T, space>(a, detail::cview(gh), delta.view(), opt.carry_in);
+        break;
+      case DeltaMethod::truncated:
+        detail::truncated_delta<T, space>(a, detail::cview(gh), delta.view(), detail::q_next_view(opt), detail::q_out_view(opt, n, S));
+        break;
+      case DeltaMethod::paper:
+        detail::paper_delta<T, space>(a, detail::cview(gh), delta.view(), opt.window);
+        break;
+    }
+    if (opt.carry_out.data())
+      assign(opt.carry_out.reshape(Dims{1, 1, S}), leaf(a.slice(1, 0, 1)) * leaf(CV(delta.view()).slice(1, 0, 1)));
+    if (opt.adjoint_only) return;  // the shards' parameter gradients are dropped, never added
+
+    // Phase 2: decay and inject VJPs, shard-parallel.
+    CV delta3 = CV(delta.view()).reshape(with_tokens(n, sd));
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) if (threads && nshards > 1)
+#endif
+    for (index_t s = 0; s < nshards; ++s) {
+      const index_t s0 = s * shard, s1 = std::min(n, s0 + shard), ns = s1 - s0;
+      CV ds = delta3.slice(s0, s1);
+      auto& grads = sg.g[std::size_t(s)];
+      // h^{t-1} for the shard's tokens: the stretch's h0 before its first token.
+      Tens hprev_first;
+      CV hprev;
+      if (s0 > 0) {
+        hprev = h3.slice(s0 - 1, s1 - 1);
+      } else {
+        hprev_first = Tens(with_tokens(ns, sd), Tag::Workspace);
+        TensorView<T, space> rows = hprev_first.view().reshape(Dims{ns, S});
+        copy<T>(rows.slice(0, 1), CV(st.h0.view()));
+        if (ns > 1) copy<T>(rows.slice(1, ns), h_all.reshape(Dims{n, S}).slice(0, ns - 1));
+        hprev = hprev_first.view();
+      }
+      const auto maps = st.maps(s0, s1);
+      auto decay_e = blk.mixer.decay(maps);
+      Tens da_full = eval(leaf(ds) * leaf(hprev), Tag::Workspace);  // dL/da = δ ⊙ h^{t-1}
+      // a^t = 0 at a document start: no gradient reaches the decay map there.
+      detail::zero_rows_at_starts(da_full.view().reshape(Dims{1, ns, S}), st.resets.offset(s0));
+      Tens da = autodiff::reduce_to(CV(da_full.view()), decay_e.dims());
+      auto tg = param_targets(params, grads);
+      map_targets(tg, s0, s1);
+      backward(decay_e, *tapes[std::size_t(s)].decay, CV(da.view()), tg);
+      backward(blk.mixer.inject(maps), *tapes[std::size_t(s)].inject, ds, tg);  // dL/db = δ
+    }
   }
 
   // Phase 3: the features' VJPs down to U (halo rows included). Shards' windows overlap,

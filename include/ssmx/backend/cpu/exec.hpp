@@ -28,6 +28,9 @@ struct Exec<Space::Host> {
     const index_t n = out.numel();
     const index_t nblocks = (n + block - 1) / block;
     T* data = out.data();
+    // SIMD registers (Eigen's packet math) where the evaluator and the output allow them.
+    constexpr bool packets = expr::has_packet<Ev>::value && std::is_same_v<T, std::decay_t<decltype(ev.coeff(expr::Index4{}))>>;
+    using P = simd::Pack<compute_t<T>>;
     if (out.is_contiguous() && expr::linear_ok(ev, e)) {
       if constexpr (expr::has_linear<Ev>::value) {
         // Flat loop over contiguous, same-shaped operands: vectorises.
@@ -36,10 +39,18 @@ struct Exec<Space::Host> {
 #endif
         for (index_t blk = 0; blk < nblocks; ++blk) {
           const index_t begin = blk * block, end = begin + block < n ? begin + block : n;
+          index_t i = begin;
+          if constexpr (packets) {
+            if (accumulate)
+              for (; i + P::size <= end; i += P::size)
+                (P::load(data + i) + ev.template packet_linear<P>(i)).store(data + i);
+            else
+              for (; i + P::size <= end; i += P::size) ev.template packet_linear<P>(i).store(data + i);
+          }
           if (accumulate) {
-            for (index_t i = begin; i < end; ++i) data[i] = T(compute_t<T>(data[i]) + compute_t<T>(ev.coeff_linear(i)));
+            for (; i < end; ++i) data[i] = T(compute_t<T>(data[i]) + compute_t<T>(ev.coeff_linear(i)));
           } else {
-            for (index_t i = begin; i < end; ++i) data[i] = T(ev.coeff_linear(i));
+            for (; i < end; ++i) data[i] = T(ev.coeff_linear(i));
           }
         }
         return;
@@ -62,11 +73,22 @@ struct Exec<Space::Host> {
         if (run_len > end - lin) run_len = end - lin;
         T* row = data + i.i[0] * st[0] + i.i[1] * st[1] + i.i[2] * st[2];
         expr::Index4 j = i;
+        index_t t0 = 0;
+        if constexpr (packets) {  // a contiguous run of the output: registers first
+          if (st[3] == 1) {
+            if (accumulate)
+              for (; t0 + P::size <= run_len; t0 += P::size, j.i[3] += P::size)
+                (P::load(row + j.i[3]) + ev.template packet<P>(j)).store(row + j.i[3]);
+            else
+              for (; t0 + P::size <= run_len; t0 += P::size, j.i[3] += P::size)
+                ev.template packet<P>(j).store(row + j.i[3]);
+          }
+        }
         if (accumulate) {
-          for (index_t t = 0; t < run_len; ++t, ++j.i[3])
+          for (index_t t = t0; t < run_len; ++t, ++j.i[3])
             row[j.i[3] * st[3]] = T(compute_t<T>(row[j.i[3] * st[3]]) + compute_t<T>(ev.coeff(j)));
         } else {
-          for (index_t t = 0; t < run_len; ++t, ++j.i[3]) row[j.i[3] * st[3]] = T(ev.coeff(j));
+          for (index_t t = t0; t < run_len; ++t, ++j.i[3]) row[j.i[3] * st[3]] = T(ev.coeff(j));
         }
         lin += run_len;
         i.i[3] += run_len;
