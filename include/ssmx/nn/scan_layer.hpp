@@ -27,9 +27,13 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <limits>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <type_traits>
+#include <typeinfo>
 #include <utility>
 #include <vector>
 
@@ -41,6 +45,9 @@
 
 #if defined(_OPENMP)
 #include <omp.h>
+#endif
+#if defined(__GNUG__)
+#include <cxxabi.h>
 #endif
 
 namespace ssmx::nn {
@@ -321,6 +328,82 @@ struct ShardTapes {
   }
 };
 
+namespace detail {
+
+// The layer's type as written ("ssmx::nn::DiagonalSSM<float, 256l, 16l, ...>"), for messages.
+template <class Layer>
+std::string layer_name() {
+  const char* mangled = typeid(Layer).name();
+#if defined(__GNUG__)
+  int status = 0;
+  char* out = abi::__cxa_demangle(mangled, nullptr, nullptr, &status);
+  if (status == 0 && out) {
+    std::string r(out);
+    std::free(out);
+    return r;
+  }
+#endif
+  return mangled;
+}
+
+// Whether `from` broadcasts to `to` (aligned right, every extent equal or 1).
+inline bool broadcasts_to(const Dims& from, const Dims& to) {
+  if (from.rank > to.rank) return false;
+  for (int i = 1; i <= from.rank; ++i) {
+    const index_t f = from[from.rank - i], t = to[to.rank - i];
+    if (f != t && f != 1) return false;
+  }
+  return true;
+}
+
+// Builds a map's expression with the layer and map named in a shape error from inside it.
+template <class Layer, class F>
+auto build_map(const char* map, index_t n, F&& f) -> decltype(f()) {
+  try {
+    return f();
+  } catch (const ShapeError& e) {
+    throw ShapeError(ssmx::detail::str(layer_name<Layer>(), ": its ", map, " map for ", n, " tokens does not build: ", e.what()));
+  }
+}
+
+// The maps' shapes against the state's (a decay or inject of the wrong rank or extent, a
+// readout of the wrong width), named by layer and map; and the decay of the stretch's first
+// token in [0, 1] (a decay above 1 grows the state without bound: the loss ends as inf or
+// NaN many tokens later). Costs the expressions' shapes and one token's decay.
+template <class Layer>
+void check_maps(const Block<Layer>& blk, const Stretch<Layer>& st) {
+  using T = typename Layer::value_type;
+  using Ty = LayerTypes<Layer>;
+  using CV = typename Ty::CV;
+  const Dims sd = Layer::state_dims();
+  const index_t n = st.n();
+  const Dims domain = with_tokens(n, sd);
+  const auto maps = st.maps(0, n);
+  const Dims dd = build_map<Layer>("decay", n, [&] { return blk.mixer.decay(maps).dims(); });
+  SSMX_REQUIRE(broadcasts_to(dd, domain), ShapeError, layer_name<Layer>(), ": decay(u) has shape ", dd,
+               " for ", n, " tokens; it must broadcast to [tokens, state] = ", domain,
+               " (aligned right, each extent equal or 1)");
+  const Dims di = build_map<Layer>("inject", n, [&] { return blk.mixer.inject(maps).dims(); });
+  SSMX_REQUIRE(broadcasts_to(di, domain), ShapeError, layer_name<Layer>(), ": inject(u) has shape ", di,
+               " for ", n, " tokens; it must broadcast to [tokens, state] = ", domain,
+               " (aligned right, each extent equal or 1)");
+  const CV h(nullptr, domain);  // shapes only: nothing is evaluated
+  const Dims dr = build_map<Layer>("readout", n, [&] { return blk.mixer.readout(h, maps).dims(); });
+  SSMX_REQUIRE(dr == Dims({n, Layer::d_model}), ShapeError, layer_name<Layer>(), ": readout(h, u) has shape ",
+               dr, " for ", n, " tokens and h of shape ", domain, "; it must be [tokens, d_model] = ",
+               Dims({n, Layer::d_model}));
+  const Tensor<T> a0 = to_space<Space::Host>(eval(blk.mixer.decay(st.maps(0, 1)), Tag::Workspace));
+  for (index_t i = 0; i < a0.numel(); ++i) {
+    const double v = double(a0.data()[i]);
+    SSMX_REQUIRE(v >= 0.0 && v <= 1.0 + 8.0 * double(std::numeric_limits<T>::epsilon()), ValueError,
+                 layer_name<Layer>(), ": decay(u) is ", v, " at element ", i, " of the first token (shape ",
+                 a0.dims(), "); a decay must lie in [0, 1], or the state grows without bound "
+                 "(e.g. exp(-softplus(x)) or exp(-dt * exp(A_log)) stay in it)");
+  }
+}
+
+}  // namespace detail
+
 // Normalises the stretch's input and computes its features: fills st from y_ext
 // ([halo + n, d_model], the halo rows first) and the state h0 before it (empty: zero).
 template <class Layer>
@@ -355,6 +438,7 @@ void prepare_stretch(const Block<Layer>& blk, typename LayerTypes<Layer>::CV y_e
   }
   st.h0 = zeros<T, space>(Dims{1, S}, Tag::Activations);
   if (h0.data()) copy<T>(st.h0.view(), h0.reshape(Dims{1, S}));
+  detail::check_maps(blk, st);
 }
 
 // The materialised scan of a prepared stretch: a and h as [1, n, S] tensors.
