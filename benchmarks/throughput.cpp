@@ -1,9 +1,12 @@
 // Forward+backward throughput per gradient strategy, the paper's O(T²) adjoint beside the
 // O(T) one, and a parameter/gradient dump for the PyTorch cross-check.
 //
-// 1. Main model: Model<DiagonalSSM<float, 256, 16>, 8>, vocab 256, tied head, batch 1
-//    (the shape of bench_memory). One forward_backward step per (strategy, T); reports
-//    tokens/s and µs per token. Adjoint's cost is linear in T, so µs/token stays flat.
+// 1. Main model (--model diagonal): Model<DiagonalSSM<float, 256, 16>, 8>, vocab 256, tied
+//    head, batch 1 (the shape of bench_memory); --model mamba: Model<Mamba<float, 256, 16,
+//    2, 4, 16>, 4> (the shape of benchmarks/reference/mamba.py). One forward_backward step
+//    per (scan path, strategy, T); reports tokens/s and µs per token. Adjoint's cost is
+//    linear in T, so µs/token stays flat. --scan picks the scan paths (materialised, fused,
+//    structured: nn/scan_layer.hpp), each timed in the same run.
 // 2. Quadratic check: Model<DiagonalSSM<float, 64, 16>, 1> (a smaller model, so that the
 //    O(T²) runs finish), Adjoint against PaperAdjoint without truncation (window 0, the
 //    double sum over t and i <= t). With K = 1 the paper's formula is exact, so both give the
@@ -24,8 +27,8 @@
 // two cores the ceiling is ~6,000 tokens/s; tokens_per_s / 6,000 is the engine's fraction.
 //
 // Output: JSON lines on stdout and in --out:
-//   {"name":"throughput","strategy","T","batch","P","N","K","vocab","chunk"|"window",
-//    "threads","seconds","tokens_per_s","us_per_token","loss","peak_bytes"}
+//   {"name":"throughput"|"throughput_mamba","strategy","T","batch","P","N","K","vocab",
+//    "chunk"|"window","threads","scan","seconds","tokens_per_s","us_per_token","loss","peak_bytes"}
 //   {"name":"throughput_paper", ... the same for the small model, "max_rel_grad_diff"}
 //   {"name":..., "kind":"skipped", "reason", "predicted_seconds", "predicted_peak_bytes"}
 // Run `bench_throughput --help` for the flags.
@@ -54,6 +57,7 @@ using namespace bench_util;
 using ssmx::index_t;
 
 using MainNet = ssmx::nn::Model<ssmx::nn::DiagonalSSM<float, 256, 16>, 8>;
+using MambaNet = ssmx::nn::Model<ssmx::nn::Mamba<float, 256, 16, 2, 4, 16>, 4>;
 using SmallNet = ssmx::nn::Model<ssmx::nn::DiagonalSSM<float, 64, 16>, 1>;
 using DumpNet = ssmx::nn::Model<ssmx::nn::DiagonalSSM<double, 16, 4>, 2>;
 
@@ -63,6 +67,8 @@ struct Options : CommonOptions {
   bool main = true, paper = true;
   std::string dump_dir;
   index_t dump_T = 256;
+  std::string model = "diagonal";
+  std::vector<std::string> scans = {"structured"};
 };
 
 void add_options(CLI::App& app, Options& o) {
@@ -76,6 +82,13 @@ void add_options(CLI::App& app, Options& o) {
   app.add_option("--dump", o.dump_dir, "only write the double-precision gradient dump for compare.py to DIR")
       ->type_name("DIR");
   add_count(app, "--dump-T", o.dump_T, "sequence length of the dump");
+  app.add_option("--model", o.model, "main model: diagonal (DiagonalSSM P=256 N=16 K=8) or mamba (Mamba D=256 K=4)")
+      ->check(CLI::IsMember({"diagonal", "mamba"}))
+      ->capture_default_str();
+  app.add_option("--scan", o.scans, "scan paths to time, comma-separated: materialised, fused, structured")
+      ->delimiter(',')
+      ->check(CLI::IsMember({"materialised", "fused", "structured"}))
+      ->capture_default_str();
 }
 
 struct Timed {
@@ -170,29 +183,43 @@ class Bench {
   }
 
   void main_model() {
-    MainNet::Config cfg;
-    cfg.vocab = opt_.vocab;
-    cfg.seed = opt_.seed;
-    MainNet net(cfg);
-    time_step(net, 256, opt_.vocab, ssmx::Adjoint{}, 1);  // warm-up: first touch, thread pool
-    for (const auto& s : opt_.strategies) {
-      std::vector<double> x, secs, peaks;
-      for (index_t T : opt_.T) {
-        const double pred_secs = x.empty() ? 0 : fit(x, secs)(double(T));
-        const double pred_peak = x.empty() ? 0 : fit(x, peaks)(double(T));
-        const std::string why = check(pred_secs, pred_peak);
-        if (!why.empty()) {
-          skipped(header("throughput", s, T, 256, 16, 8, "skipped"), why, pred_secs, pred_peak);
-          continue;
+    if (opt_.model == "mamba")
+      main_model<MambaNet>(256, 16, 4);
+    else
+      main_model<MainNet>(256, 16, 8);
+  }
+
+  template <class Net>
+  void main_model(index_t P, index_t N, index_t K) {
+    for (const auto& scan : opt_.scans) {
+      typename Net::Config cfg;
+      cfg.vocab = opt_.vocab;
+      cfg.seed = opt_.seed;
+      cfg.fused = scan != "materialised";
+      cfg.structured = scan == "structured";
+      Net net(cfg);
+      time_step(net, 256, opt_.vocab, ssmx::Adjoint{}, 1);  // warm-up: first touch, thread pool
+      const std::string name = opt_.model == "mamba" ? "throughput_mamba" : "throughput";
+      const std::string tail = ",\"scan\":\"" + scan + "\"";
+      for (const auto& s : opt_.strategies) {
+        std::vector<double> x, secs, peaks;
+        for (index_t T : opt_.T) {
+          const double pred_secs = x.empty() ? 0 : fit(x, secs)(double(T));
+          const double pred_peak = x.empty() ? 0 : fit(x, peaks)(double(T));
+          const std::string why = check(pred_secs, pred_peak);
+          if (!why.empty()) {
+            skipped(header(name, s, T, P, N, K, "skipped") + tail, why, pred_secs, pred_peak);
+            continue;
+          }
+          Timed t;
+          if (s == "backprop") t = time_step(net, T, opt_.vocab, ssmx::Backprop{}, opt_.repeats);
+          if (s == "checkpointed") t = time_step(net, T, opt_.vocab, ssmx::Checkpointed{}, opt_.repeats);
+          if (s == "adjoint") t = time_step(net, T, opt_.vocab, ssmx::Adjoint{opt_.chunk, opt_.shard}, opt_.repeats);
+          if (s == "truncated")
+            t = time_step(net, T, opt_.vocab, ssmx::TruncatedAdjoint{opt_.window, opt_.shard}, opt_.repeats);
+          sink_.line(header(name, s, T, P, N, K) + tail + result(t, T) + "}");
+          x.push_back(double(T)), secs.push_back(t.seconds), peaks.push_back(double(t.peak));
         }
-        Timed t;
-        if (s == "backprop") t = time_step(net, T, opt_.vocab, ssmx::Backprop{}, opt_.repeats);
-        if (s == "checkpointed") t = time_step(net, T, opt_.vocab, ssmx::Checkpointed{}, opt_.repeats);
-        if (s == "adjoint") t = time_step(net, T, opt_.vocab, ssmx::Adjoint{opt_.chunk, opt_.shard}, opt_.repeats);
-        if (s == "truncated")
-          t = time_step(net, T, opt_.vocab, ssmx::TruncatedAdjoint{opt_.window, opt_.shard}, opt_.repeats);
-        sink_.line(header("throughput", s, T, 256, 16, 8) + result(t, T) + "}");
-        x.push_back(double(T)), secs.push_back(t.seconds), peaks.push_back(double(t.peak));
       }
     }
   }
