@@ -1,7 +1,7 @@
 // The trainer's configuration: every flag is one field of Config, described once in
 // fields() (flag name, help, how it behaves on --resume), so that the command line, the
 // checkpoint's saved copy and the comparison on resume cannot drift apart.
-// Private to examples/train.cpp; include it from there.
+// Part of the trainer; include examples/train/trainer.hpp instead.
 #pragma once
 
 #include <CLI/CLI.hpp>
@@ -38,6 +38,12 @@ inline CLI::Validator number_above(bool or_equal) {
       or_equal ? "NUMBER >= 0" : "NUMBER > 0");
 }
 
+inline std::string join(const std::vector<std::string>& items, const std::string& sep) {
+  std::string s;
+  for (const auto& i : items) s += (s.empty() ? "" : sep) + i;
+  return s;
+}
+
 // What a field does when a run is resumed.
 enum class OnResume {
   must_match,  // fixes the numbers of the run: the saved value is used; a different flag is an error
@@ -49,7 +55,7 @@ struct Field {
   const char* name;  // the flag without "--", and the key in config.json
   std::variant<std::string*, std::int64_t*, double*> value;
   OnResume on_resume;
-  const char* help;
+  std::string help;
   std::optional<CLI::Validator> check = std::nullopt;  // on the command line only
   // The value a checkpoint saved before this flag existed stands for (null: none; such a
   // checkpoint cannot be resumed).
@@ -82,13 +88,14 @@ struct Config {
   std::string out, checkpoint_dir, device = "auto";
   std::int64_t until = 0, threads = 0;
   double minutes = 0.0;
+  // not a flag: the names --model accepts (the presets the program registered, trainer.hpp)
+  std::vector<std::string> model_names{"diagonal-small", "diagonal-base", "mamba-tiny", "mamba-130m"};
 
   std::vector<Field> fields() {
     const auto positive = number_above(false), nonneg = number_above(true);
     const auto mm = OnResume::must_match, mc = OnResume::may_change, ns = OnResume::not_saved;
     return {
-        {"model", &model, mm, "model preset: diagonal-small | diagonal-base | mamba-tiny | mamba-130m",
-         CLI::IsMember({"diagonal-small", "diagonal-base", "mamba-tiny", "mamba-130m"})},
+        {"model", &model, mm, "model preset: " + join(model_names, " | "), CLI::IsMember(model_names)},
         {"strategy", &strategy, mm, "gradient strategy: adjoint | truncated | checkpointed | backprop",
          CLI::IsMember({"adjoint", "truncated", "checkpointed", "backprop"})},
         {"chunk", &chunk, mm, "tokens recomputed at a time by the adjoint backward (and evaluation chunk)", positive},

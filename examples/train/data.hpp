@@ -11,7 +11,7 @@
 // into [batch, context] steps by data::Packer, whose cursor (state()) is saved with each
 // checkpoint. Rows that continue a document carry their recurrent state from the previous
 // step (carry_over); the others start from zero.
-// Private to examples/train.cpp; include it from there.
+// Part of the trainer; include examples/train/trainer.hpp instead.
 #pragma once
 
 #include <algorithm>

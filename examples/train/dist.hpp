@@ -23,7 +23,7 @@
 // that rank prints `train: error: rank r of R: ...` and calls MPI_Abort. A rank that dies
 // without a word leaves the others waiting in a collective until SSMX_DIST_TIMEOUT seconds
 // (default 300) have passed; they then fail the same way.
-// Private to examples/train.cpp; include it from there.
+// Part of the trainer; include examples/train/trainer.hpp instead.
 #pragma once
 
 #include <nlohmann/json.hpp>

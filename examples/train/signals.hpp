@@ -3,7 +3,7 @@
 // step), then saves a checkpoint and exits 0. A second signal quits at once (checkpoints are
 // written atomically, so none is left half-written). SIGUSR1 is for MPI jobs: Open MPI's
 // mpirun forwards it to every rank, whereas it answers SIGINT/SIGTERM by killing the ranks.
-// Private to examples/train.cpp; include it from there.
+// Part of the trainer; include examples/train/trainer.hpp instead.
 #pragma once
 
 #include <signal.h>

@@ -1,6 +1,19 @@
-// train — the general ssmx trainer: a preset model (DiagonalSSM or Mamba), a gradient
-// strategy, data (the embedded recall task, an llm.c token file, or the bytes of any file),
-// AdamW or SGD with a schedule, evaluation, checkpoints, resume, metrics, a plot and a summary.
+// The ssmx trainer as a library: a program registers model presets (a layer type, a layer
+// count and a name) and hands its command line to train::main, which does the rest: a
+// gradient strategy, data (the embedded recall task, an llm.c token file, or the bytes of
+// any file), AdamW or SGD with a schedule, evaluation, checkpoints, resume, metrics, a plot,
+// a summary and MPI (--dist). examples/train.cpp is the `train` program (the built-in
+// presets); examples/train_custom.cpp trains a user's own layer:
+//
+//   #include "train/trainer.hpp"   // with examples/ on the include path; CLI11 and ssmx::io
+//   int main(int argc, char** argv) {
+//     return train::main(argc, argv, train::Presets().add<MyLayer<float, 64, 16>, 2>("my-small"));
+//   }
+//
+// The layer needs what nn::Model needs (README, "Writing a layer"), float parameters on the
+// host, and nothing else: every flag below works for it (--model my-small).
+//
+// Usage of the built-in `train` program:
 //
 //   train                                              recall, diagonal-small, 300 steps
 //   train --data text:README.md --model mamba-tiny --context 512 --steps 200
@@ -40,6 +53,8 @@
 // and a job that dies while saving leaves the previous one current. Every rank reads its
 // part on --resume, which needs the scheme and R the run was started with. --out must be on
 // a file system that every rank sees.
+#pragma once
+
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
@@ -53,6 +68,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <variant>
 #include <vector>
 
@@ -64,13 +80,13 @@
 #include <ssmx/io/json.hpp>
 #include <ssmx/ssmx.hpp>
 
-#include "train/config.hpp"
-#include "train/data.hpp"
-#include "train/dist.hpp"
-#include "train/metrics.hpp"
-#include "train/plot.hpp"
-#include "train/progress.hpp"
-#include "train/signals.hpp"
+#include "config.hpp"
+#include "data.hpp"
+#include "dist.hpp"
+#include "metrics.hpp"
+#include "plot.hpp"
+#include "progress.hpp"
+#include "signals.hpp"
 
 namespace train {
 
@@ -81,8 +97,16 @@ using T = float;
 
 // ---- presets ----------------------------------------------------------------------------
 
+// What the log says about a preset's layer (Presets::add takes a description instead).
 template <class Layer>
-struct LayerInfo;
+struct LayerInfo {
+  static std::string describe() {
+    const ssmx::Dims d = Layer::state_dims();
+    std::string dims;
+    for (int i = 0; i < d.rank; ++i) dims += (i ? "x" : "") + std::to_string(d[i]);
+    return "d_model=" + std::to_string(Layer::d_model) + ", state " + dims;
+  }
+};
 template <class U, index_t P, index_t N>
 struct LayerInfo<nn::DiagonalSSM<U, P, N>> {
   static std::string describe() { return "DiagonalSSM P=" + std::to_string(P) + " N=" + std::to_string(N); }
@@ -100,19 +124,19 @@ struct LayerInfo<nn::Mamba<U, D, N, E, W, R>> {
 using Optimizer = std::variant<ssmx::AdamW<T>, ssmx::SGD<T>>;
 using Strategy = std::variant<ssmx::Adjoint, ssmx::TruncatedAdjoint, ssmx::Checkpointed, ssmx::Backprop>;
 
-Optimizer make_optimizer(const Config& c) {
+inline Optimizer make_optimizer(const Config& c) {
   if (c.optimizer == "sgd") return ssmx::SGD<T>(c.lr, c.momentum, c.weight_decay);
   return ssmx::AdamW<T>(c.lr, c.beta1, c.beta2, 1e-8, c.weight_decay);
 }
 
-Strategy make_strategy(const Config& c) {
+inline Strategy make_strategy(const Config& c) {
   if (c.strategy == "truncated") return ssmx::TruncatedAdjoint{index_t(c.window), index_t(c.shard)};
   if (c.strategy == "checkpointed") return ssmx::Checkpointed{};
   if (c.strategy == "backprop") return ssmx::Backprop{};
   return ssmx::Adjoint{index_t(c.chunk), index_t(c.shard)};
 }
 
-std::string describe_strategy(const Config& c) {
+inline std::string describe_strategy(const Config& c) {
   const std::string storage = c.storage == "bf16" ? ", bf16 stored inputs" : "";
   if (c.strategy == "adjoint")
     return "adjoint (chunk " + std::to_string(c.chunk) + ", shard " + std::to_string(c.shard) + storage + ")";
@@ -122,7 +146,7 @@ std::string describe_strategy(const Config& c) {
 }
 
 // Warmup, then a half cosine down to min_lr_ratio * lr (cosine) or lr held (constant).
-ssmx::WarmupCosine make_schedule(const Config& c) {
+inline ssmx::WarmupCosine make_schedule(const Config& c) {
   const std::int64_t warmup = std::min(c.warmup, c.steps);
   return ssmx::WarmupCosine(warmup, c.steps, c.lr, c.schedule == "cosine" ? c.lr * c.min_lr_ratio : c.lr);
 }
@@ -152,7 +176,7 @@ struct Eval {
   bool valid() const { return step >= 0; }
 };
 
-nlohmann::ordered_json eval_json(const Eval& e, double chance) {
+inline nlohmann::ordered_json eval_json(const Eval& e, double chance) {
   nlohmann::ordered_json j{{"step", e.step}, {"loss", e.loss}, {"accuracy", e.accuracy}};
   if (chance >= 0) j["chance"] = chance;
   return j;
@@ -160,7 +184,7 @@ nlohmann::ordered_json eval_json(const Eval& e, double chance) {
 
 // --dist layer: rank r's part of the checkpoint whose rank-0 part is `main`
 // (step_XXXXXXXX.safetensors): step_XXXXXXXX.rank-r-of-R.safetensors beside it.
-std::string shard_path(const std::string& main, int rank, int ranks) {
+inline std::string shard_path(const std::string& main, int rank, int ranks) {
   const std::string ext = ".safetensors";
   const std::string stem = main.size() > ext.size() ? main.substr(0, main.size() - ext.size()) : main;
   return stem + ".rank-" + std::to_string(rank) + "-of-" + std::to_string(ranks) + ext;
@@ -169,7 +193,7 @@ std::string shard_path(const std::string& main, int rank, int ranks) {
 // Removes all but the newest `keep` checkpoints up to `step` (0: keep all), with their
 // --dist layer parts, and the parts of a step up to `step` whose checkpoint was never
 // completed (a job that died while saving).
-void prune_checkpoints(const std::string& dir, std::int64_t step, std::int64_t keep) {
+inline void prune_checkpoints(const std::string& dir, std::int64_t step, std::int64_t keep) {
   if (keep <= 0) return;
   std::vector<std::pair<std::int64_t, fs::path>> found, parts;
   std::error_code ec;
@@ -205,7 +229,7 @@ void copy_tensors(const std::vector<ssmx::Tensor<U>>& src, std::vector<ssmx::Ten
 
 // A temporary file AtomicFile leaves behind when the process is killed while writing:
 // "<name>.tmp.<pid>.<n>".
-bool is_stale_temporary(const std::string& name) {
+inline bool is_stale_temporary(const std::string& name) {
   const auto at = name.find(".tmp.");
   if (at == std::string::npos || at == 0) return false;
   const std::string rest = name.substr(at + 5);
@@ -216,7 +240,7 @@ bool is_stale_temporary(const std::string& name) {
 
 // Removes the temporaries of killed writes in `dir` (this run's files only: one run owns
 // its directories, and no write is in flight when this is called).
-void remove_stale_temporaries(const std::string& dir) {
+inline void remove_stale_temporaries(const std::string& dir) {
   std::error_code ec;
   for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
     const std::string name = it->path().filename().string();
@@ -225,11 +249,11 @@ void remove_stale_temporaries(const std::string& dir) {
 }
 
 // The files a fresh run writes into --out, besides its checkpoints.
-const char* const run_files[] = {"metrics.jsonl", "summary.json", "config.json", "plot.svg", "plot.png"};
+inline const char* const run_files[] = {"metrics.jsonl", "summary.json", "config.json", "plot.svg", "plot.png"};
 
 // Whether `out` holds the start of a run by this trainer that never saved a checkpoint (it
 // failed or was killed first): its config.json is one the trainer wrote.
-bool is_unsaved_start(const Session& s) {
+inline bool is_unsaved_start(const Session& s) {
   if (ssmx::io::latest_checkpoint(s.checkpoint_dir)) return false;
   const std::string config = s.out + "/config.json";
   try {
@@ -242,7 +266,7 @@ bool is_unsaved_start(const Session& s) {
 }
 
 // Removes what such a start left: its run files and stale temporaries.
-void remove_unsaved_start(const Session& s) {
+inline void remove_unsaved_start(const Session& s) {
   std::error_code ec;
   for (const char* name : run_files) fs::remove(fs::path(s.out) / name, ec);
   remove_stale_temporaries(s.out);
@@ -284,8 +308,10 @@ class FreshRunFiles {
 };
 
 template <class Layer, index_t K>
-int run(Config& cfg, Data& data, const Session& session, Group& group) {
-  using LM = nn::Model<Layer, K>;
+int run(Config& cfg, Data& data, const Session& session, Group& group, const std::string& layer_text) {
+  static_assert(std::is_same<typename Layer::value_type, T>::value,
+                "train::Presets::add<Layer, K>: the trainer trains float layers; use Layer<float, ...>");
+  using LM = nn::Model<Layer, K, ssmx::Space::Host>;
   const bool root = group.root();  // prints and writes the run's files
   typename LM::Config model_config{data.vocab(), true, std::uint64_t(cfg.seed)};
   std::tie(model_config.layer_begin, model_config.layer_end) = group.layers(K, cfg.model);
@@ -304,7 +330,7 @@ int run(Config& cfg, Data& data, const Session& session, Group& group) {
     const auto all = group.gather({n_params});
     n_params = std::accumulate(all.begin(), all.end(), std::int64_t(0));
   }
-  const std::string model_text = cfg.model + " (" + LayerInfo<Layer>::describe() + ", K=" + std::to_string(K) +
+  const std::string model_text = cfg.model + " (" + layer_text + ", K=" + std::to_string(K) +
                                  " layers, " + std::to_string(n_params) + " parameters)";
 
   // Recurrent state carried from step to step by rows that continue a document: `carry`
@@ -697,13 +723,46 @@ int run(Config& cfg, Data& data, const Session& session, Group& group) {
   return 0;
 }
 
-int dispatch(Config& cfg, Data& data, const Session& session, Group& group) {
-  // One instantiation per preset (each costs compile time): keep this list short.
-  if (cfg.model == "diagonal-small") return run<nn::DiagonalSSM<T, 64, 16>, 2>(cfg, data, session, group);
-  if (cfg.model == "diagonal-base") return run<nn::DiagonalSSM<T, 256, 16>, 8>(cfg, data, session, group);
-  if (cfg.model == "mamba-tiny") return run<nn::Mamba<T, 64, 16, 2, 4>, 2>(cfg, data, session, group);
-  if (cfg.model == "mamba-130m") return run<nn::Mamba<T, 768, 16, 2, 4>, 24>(cfg, data, session, group);
-  throw UsageError("--model '" + cfg.model + "': not a preset");
+// The models a trainer program offers: --model NAME picks one. Each preset compiles the
+// whole training loop for its layer type, so register only the ones the program needs.
+class Presets {
+ public:
+  using Runner = int (*)(Config&, Data&, const Session&, Group&, const std::string&);
+  struct Preset {
+    std::string name, description;
+    Runner run;
+  };
+
+  // Layer: a layer type as nn::Model takes it, with float parameters on the host; K: the
+  // number of layers. The description goes into the log (default: d_model and the state).
+  template <class Layer, index_t K>
+  Presets& add(const std::string& name, const std::string& description = "") {
+    SSMX_REQUIRE(!name.empty() && name.find_first_of(" |") == std::string::npos, ssmx::ValueError,
+                 "train::Presets::add: preset name '", name, "' is empty or holds a space or '|'");
+    SSMX_REQUIRE(!find(name), ssmx::ValueError, "train::Presets::add: preset '", name, "' is registered twice");
+    list_.push_back({name, description.empty() ? LayerInfo<Layer>::describe() : description, &run<Layer, K>});
+    return *this;
+  }
+  const Preset* find(const std::string& name) const {
+    for (const auto& p : list_)
+      if (p.name == name) return &p;
+    return nullptr;
+  }
+  std::vector<std::string> names() const {
+    std::vector<std::string> n;
+    for (const auto& p : list_) n.push_back(p.name);
+    return n;
+  }
+  bool empty() const { return list_.empty(); }
+
+ private:
+  std::vector<Preset> list_;
+};
+
+inline int dispatch(const Presets& presets, Config& cfg, Data& data, const Session& session, Group& group) {
+  const Presets::Preset* p = presets.find(cfg.model);
+  if (!p) throw UsageError("--model '" + cfg.model + "': not a preset");
+  return p->run(cfg, data, session, group, p->description);
 }
 
 // ---- command line -------------------------------------------------------------------------
@@ -711,7 +770,7 @@ int dispatch(Config& cfg, Data& data, const Session& session, Group& group) {
 // On --resume: every saved field not given on the command line takes its saved value; a
 // given one that fixes the run's numbers must equal it. Lines for the log go to `notes`
 // (printed by rank 0 once the ranks are known).
-void merge_saved_config(Config& cfg, const CLI::App& app, const nlohmann::json& saved, const std::string& path,
+inline void merge_saved_config(Config& cfg, const CLI::App& app, const nlohmann::json& saved, const std::string& path,
                         std::vector<std::string>& notes) {
   for (const Field& f : cfg.fields()) {
     if (f.on_resume == OnResume::not_saved) continue;
@@ -744,7 +803,7 @@ void merge_saved_config(Config& cfg, const CLI::App& app, const nlohmann::json& 
 }
 
 // The number of ranks a run was started with (its saved config; 1 before --dist existed).
-std::int64_t saved_ranks(const nlohmann::json& saved, const std::string& path) {
+inline std::int64_t saved_ranks(const nlohmann::json& saved, const std::string& path) {
   if (!saved.contains("ranks")) return 1;
   const auto& r = saved["ranks"];
   SSMX_REQUIRE(r.is_number_integer() && r.get<std::int64_t>() >= 1, ssmx::IOError, path,
@@ -753,7 +812,7 @@ std::int64_t saved_ranks(const nlohmann::json& saved, const std::string& path) {
   return r.get<std::int64_t>();
 }
 
-std::string default_out(const Config& c, std::time_t now) {
+inline std::string default_out(const Config& c, std::time_t now) {
   char stamp[32];
   std::strftime(stamp, sizeof stamp, "%Y%m%d-%H%M%S", std::localtime(&now));
   const std::string kind = c.data.substr(0, c.data.find(':'));
@@ -763,7 +822,7 @@ std::string default_out(const Config& c, std::time_t now) {
 // A fresh run must not write over another run's files. A directory counts as holding a run
 // once the run's first checkpoint exists; the files of a start that never got that far (it
 // failed or was killed first) are replaced. Returns whether they are.
-bool check_fresh(const Session& s) {
+inline bool check_fresh(const Session& s) {
   std::error_code ec;
   SSMX_REQUIRE(fs::symlink_status(s.out, ec).type() == fs::file_type::not_found || fs::is_directory(s.out, ec),
                UsageError, "--out ", s.out, ": exists and is not a directory");
@@ -785,7 +844,7 @@ bool check_fresh(const Session& s) {
 }
 
 // What every rank must be given alike: every flag but --threads (a machine may have other cores).
-nlohmann::json rank_flags(Config& cfg, const Session& s, bool resume) {
+inline nlohmann::json rank_flags(Config& cfg, const Session& s, bool resume) {
   nlohmann::json j = nlohmann::json::object();
   for (const Field& f : cfg.fields())
     if (std::string(f.name) != "threads") std::visit([&](auto* p) { j[f.name] = *p; }, f.value);
@@ -794,12 +853,21 @@ nlohmann::json rank_flags(Config& cfg, const Session& s, bool resume) {
   return j;
 }
 
-int main(int argc, char** argv) {
+// The trainer: parses the command line (every flag of Config, --keep-checkpoints and
+// --resume; --model picks one of `presets`, by default the first), trains, and returns the
+// exit status: 0 done or stopped by a signal, 1 the data or the run failed, 2 a usage error.
+inline int main(int argc, char** argv, const Presets& presets) {
+  if (presets.empty()) {
+    std::fprintf(stderr, "train: error: the program registered no model preset (train::Presets().add<Layer, K>(name))\n");
+    return 2;
+  }
   Config cfg;
+  cfg.model_names = presets.names();
+  if (!presets.find(cfg.model)) cfg.model = cfg.model_names.front();
   Session session;
   bool resume = false;
-  CLI::App app{"Train a state space model (DiagonalSSM or Mamba) with the exact adjoint backward or another "
-               "gradient strategy; see the comment at the top of examples/train.cpp"};
+  CLI::App app{"Train a state space model with the exact adjoint backward or another gradient strategy; see the "
+               "comment at the top of examples/train/trainer.hpp"};
   app.get_formatter()->column_width(34);
   for (Field& f : cfg.fields()) {
     CLI::Option* o = std::visit([&](auto* p) { return app.add_option(std::string("--") + f.name, *p, f.help); }, f.value);
@@ -896,7 +964,7 @@ int main(int argc, char** argv) {
 
     Data data(cfg);  // reads and checks the data; fills cfg.vocab
     group->check_same_flags(rank_flags(cfg, session, resume));
-    return dispatch(cfg, data, session, *group);
+    return dispatch(presets, cfg, data, session, *group);
   } catch (const std::exception& e) {
     const int code = dynamic_cast<const UsageError*>(&e) ? 2 : 1;
     const bool distributed = group && group->distributed();
@@ -908,4 +976,3 @@ int main(int argc, char** argv) {
 
 }  // namespace train
 
-int main(int argc, char** argv) { return train::main(argc, argv); }

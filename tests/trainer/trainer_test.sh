@@ -3,7 +3,7 @@
 #
 #   trainer_test.sh MODE TRAIN WORK SOURCE_DIR [ARGS...]
 #
-#   resume-recall | resume-text | resume-tokens
+#   resume-recall | resume-text | resume-tokens | resume-custom (TRAIN: train_custom)
 #       run A: 2N steps in one go; run B: stopped after step N + 1, its last checkpoint
 #       (N + 1) deleted as if it crashed before saving, then --resume: B's metrics must hold
 #       the same losses as A's, byte for byte, for every step.
@@ -464,6 +464,12 @@ case "$mode" in
     ;;
   resume-recall)
     resume_test 3 --data recall --context 64 --batch 2 --curriculum-start 16 --curriculum-steps 2 --eval-sequences 2
+    ;;
+  resume-custom)  # TRAIN is train_custom: a user's layer (examples/custom_layer.hpp) through train/trainer.hpp
+    resume_test 3 --data recall --model gated-small --context 64 --batch 2 --eval-sequences 2
+    grep -q "model gated-small (d_model=64, state 64x16, K=2 layers" A.log || { cat A.log; fail "the log does not describe the custom preset"; }
+    "$train" --help > help.log || fail "--help failed"
+    grep -q -- "--model TEXT:{gated-small}" help.log || fail "--help does not list the custom preset"
     ;;
   resume-text)
     resume_test 3 --data "text:$src/README.md" --model mamba-tiny --strategy truncated --window 16 --context 32 \
