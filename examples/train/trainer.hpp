@@ -145,7 +145,8 @@ inline std::string describe_strategy(const Config& c) {
   return c.strategy + (storage.empty() ? "" : " (" + storage.substr(2) + ")");
 }
 
-// Warmup, then a half cosine down to min_lr_ratio * lr (cosine) or lr held (constant).
+// Warmup, then a half cosine down to min_lr_ratio * lr (cosine) or lr held (constant),
+// evaluated at the 1-based step: step 1 runs at lr / warmup, the last step at the floor.
 inline ssmx::WarmupCosine make_schedule(const Config& c) {
   const std::int64_t warmup = std::min(c.warmup, c.steps);
   return ssmx::WarmupCosine(warmup, c.steps, c.lr, c.schedule == "cosine" ? c.lr * c.min_lr_ratio : c.lr);
@@ -373,7 +374,9 @@ int run(Config& cfg, Data& data, const Session& session, Group& group, const std
   index_t row_begin = 0, row_end = 0;  // this rank's rows of each batch
   std::tie(row_begin, row_end) = group.rows(index_t(cfg.batch));
 
-  std::int64_t step = 0, tokens_seen = 0;
+  // tokens_seen: positions processed (padding included; tokens/s); targets_seen: the tokens
+  // with a target, which the loss and the metrics lines count (summary.json's "tokens").
+  std::int64_t step = 0, tokens_seen = 0, targets_seen = 0;
   double train_seconds = 0;  // over all invocations, steps only
   Eval best;
   if (session.resume_from) {
@@ -401,6 +404,7 @@ int run(Config& cfg, Data& data, const Session& session, Group& group, const std
                                                " (was the file changed?): ", e.what()));
     }
     tokens_seen = std::int64_t(number("tokens_seen"));
+    targets_seen = info.extra.count("targets_seen") ? std::int64_t(number("targets_seen")) : 0;
     train_seconds = number("train_seconds");
     if (info.extra.count("best_eval_step"))
       best = Eval{std::int64_t(number("best_eval_step")), number("best_eval_loss"), number("best_eval_accuracy")};
@@ -471,6 +475,7 @@ int run(Config& cfg, Data& data, const Session& session, Group& group, const std
   if (root) {
     std::printf("ssmx %s train: model %s, vocab %ld\n", SSMX_VERSION_STRING, model_text.c_str(), long(data.vocab()));
     std::printf("data: %s\n", data.description().c_str());
+    if (!data.warning().empty()) std::printf("%s\n", data.warning().c_str());
     std::printf("%s, context %ld, batch %ld, %s lr %g (%s, warmup %ld), %ld steps\n", describe_strategy(cfg).c_str(),
                 long(cfg.context), long(cfg.batch), cfg.optimizer.c_str(), cfg.lr, cfg.schedule.c_str(),
                 long(std::min(cfg.warmup, cfg.steps)), long(cfg.steps));
@@ -501,6 +506,7 @@ int run(Config& cfg, Data& data, const Session& session, Group& group, const std
     ssmx::io::Metadata extra{{"config", cfg.to_json().dump()},
                              {"data_cursor", data.cursor()},
                              {"tokens_seen", ssmx::io::exact_string(tokens_seen)},
+                             {"targets_seen", ssmx::io::exact_string(targets_seen)},
                              {"train_seconds", ssmx::io::exact_string(train_seconds)}};
     if (best.valid()) {
       extra["best_eval_step"] = ssmx::io::exact_string(best.step);
@@ -580,7 +586,7 @@ int run(Config& cfg, Data& data, const Session& session, Group& group, const std
         }
         carry_over(carry, sd.continues, row_begin);
       }
-      const double lr = schedule.lr(step);
+      const double lr = schedule.lr(step + 1);  // step s = 1, 2, ...: warm-up starts at lr / warmup, not 0
       std::visit([&](auto& o) { o.set_lr(lr); }, opt);
       ssmx::reset_peak(ssmx::Space::Host);
       const auto t0 = Clock::now();
@@ -609,6 +615,7 @@ int run(Config& cfg, Data& data, const Session& session, Group& group, const std
       ++run_steps;
       tokens_seen += sd.rows * sd.len;
       run_tokens += sd.rows * sd.len;
+      targets_seen += std::count_if(sd.targets.begin(), sd.targets.end(), [](nn::token_t y) { return y >= 0; });
 
       // What every rank must decide alike, and each rank's peak memory: one collective.
       const bool over_budget = cfg.minutes > 0 && since_start() >= cfg.minutes * 60;
@@ -683,7 +690,8 @@ int run(Config& cfg, Data& data, const Session& session, Group& group, const std
     s["steps"] = step;
     s["steps_planned"] = cfg.steps;
     s["steps_this_run"] = run_steps;
-    s["tokens"] = tokens_seen;
+    s["tokens"] = targets_seen;  // as the metrics lines count them: tokens with a target
+    s["positions"] = tokens_seen;  // processed, padding included; tokens_per_s counts these
     s["train_seconds"] = train_seconds;
     s["wall_seconds_this_run"] = since_start();
     s["tokens_per_s"] = run_seconds > 0 ? double(run_tokens) / run_seconds : 0.0;
@@ -696,8 +704,10 @@ int run(Config& cfg, Data& data, const Session& session, Group& group, const std
     s["plot"] = plot_path;
     ssmx::io::write_file_atomically(session.out + "/summary.json", s.dump(2) + "\n");
 
-    std::printf("summary: %ld/%ld steps (%s), %s tokens in %s (%s tokens/s this run), peak %.1f MiB%s\n", long(step),
-                long(cfg.steps), stop_reason.c_str(), format_count(double(tokens_seen)).c_str(),
+    std::printf("summary: %ld/%ld steps (%s), %s tokens with a target (%s processed) in %s (%s tokens/s this run), "
+                "peak %.1f MiB%s\n",
+                long(step), long(cfg.steps), stop_reason.c_str(), format_count(double(targets_seen)).c_str(),
+                format_count(double(tokens_seen)).c_str(),
                 format_duration(train_seconds).c_str(), format_count(s["tokens_per_s"].get<double>()).c_str(),
                 double(run_peak) / double(1 << 20), group.distributed() ? " (the largest rank's)" : "");
     auto print_eval = [&](const char* what, const Eval& e) {
@@ -822,7 +832,26 @@ inline std::string default_out(const Config& c, std::time_t now) {
 // A fresh run must not write over another run's files. A directory counts as holding a run
 // once the run's first checkpoint exists; the files of a start that never got that far (it
 // failed or was killed first) are replaced. Returns whether they are.
+// `flag path`: the path and every existing ancestor must be directories (or not exist yet),
+// else a usage error naming the flag rather than a file system error later.
+inline void check_directory_path(const char* flag, const std::string& path) {
+  std::error_code ec;
+  for (fs::path p = path; !p.empty(); p = p.parent_path()) {
+    const auto st = fs::status(p, ec);
+    if (st.type() == fs::file_type::not_found || fs::is_directory(st)) {
+      if (st.type() != fs::file_type::not_found) return;  // an existing directory: its ancestors are too
+    } else if (p == fs::path(path)) {
+      throw UsageError(ssmx::detail::str(flag, " ", path, ": exists and is not a directory"));
+    } else {
+      throw UsageError(ssmx::detail::str(flag, " ", path, ": ", p.string(), " is not a directory"));
+    }
+    if (p == p.parent_path()) return;
+  }
+}
+
 inline bool check_fresh(const Session& s) {
+  check_directory_path("--out", s.out);
+  check_directory_path("--checkpoint-dir", s.checkpoint_dir);
   std::error_code ec;
   SSMX_REQUIRE(fs::symlink_status(s.out, ec).type() == fs::file_type::not_found || fs::is_directory(s.out, ec),
                UsageError, "--out ", s.out, ": exists and is not a directory");
@@ -870,13 +899,28 @@ inline int main(int argc, char** argv, const Presets& presets) {
                "comment at the top of examples/train/trainer.hpp"};
   app.get_formatter()->column_width(34);
   for (Field& f : cfg.fields()) {
-    CLI::Option* o = std::visit([&](auto* p) { return app.add_option(std::string("--") + f.name, *p, f.help); }, f.value);
+    CLI::Option* o = std::visit(
+        [&](auto* p) {
+          using V = std::decay_t<decltype(*p)>;
+          CLI::Option* opt = app.add_option(std::string("--") + f.name, *p, f.help);
+          if constexpr (!std::is_same_v<V, std::string>)  // every number: its type and bound, by name
+            opt->check(limit_validator(std::holds_alternative<Limit>(f.check) ? std::get<Limit>(f.check) : Limit{},
+                                       std::is_integral_v<V>));
+          return opt;
+        },
+        f.value);
     o->capture_default_str();
-    if (f.check) o->check(*f.check);
+    if (const auto* v = std::get_if<CLI::Validator>(&f.check)) o->check(*v);
   }
   app.add_option("--keep-checkpoints", session.keep_checkpoints, "keep the newest N checkpoints (0: all)")
       ->capture_default_str()
-      ->check(number_above(true));
+      ->check(limit_validator(nonnegative_limit(), true));
+  app.footer(
+      "Exit status:\n"
+      "  0  the run finished, was stopped by a signal (with a checkpoint), or had nothing to do\n"
+      "  1  the data, a checkpoint or a step failed (a run with a checkpoint saves its last good state first)\n"
+      "  2  a flag is wrong, alone or with the others (also a --resume whose flags differ from the run's),\n"
+      "     or --out cannot hold the run");
   app.add_flag("--resume", resume, "continue the run in --out (or --checkpoint-dir) from its latest checkpoint");
   try {
     app.parse(argc, argv);
@@ -903,6 +947,8 @@ inline int main(int argc, char** argv, const Presets& presets) {
                    "--resume: pass --out DIR (or --checkpoint-dir DIR) of the run to continue");
       if (cfg.out.empty()) cfg.out = fs::path(cfg.checkpoint_dir).parent_path().string();
       if (cfg.checkpoint_dir.empty()) cfg.checkpoint_dir = cfg.out + "/checkpoints";
+      check_directory_path("--out", cfg.out);
+      check_directory_path("--checkpoint-dir", cfg.checkpoint_dir);
       Session probe;
       probe.out = cfg.out;
       probe.checkpoint_dir = cfg.checkpoint_dir;

@@ -11,6 +11,9 @@
 #   mismatch      --resume with a flag that differs from the saved config fails, names the
 #                 flag and both values, and changes nothing on disk.
 #   existing      a fresh run into a directory holding another run fails and changes nothing.
+#   help REGEX    `train --help` exits 0, matches REGEX (newlines as spaces), shows defaults.
+#   messages      a token file without the default --eot token: a warning; step 1 runs at
+#                 lr / warmup, not 0; summary.json's tokens are the metrics lines' sum.
 #   expect-error REGEX ARGS...
 #                 `train ARGS...` run in an empty WORK must fail with a message matching
 #                 REGEX and leave WORK empty.
@@ -312,7 +315,7 @@ case "$mode" in
     [ -n "$bad" ] && [ "$bad" -ge 2 ] || fail "the message does not name the failed step (after the first)"
     good=$((bad - 1))
     ckpt=$(printf 'step_%08d.safetensors' $good)
-    grep -Eq "train: error: step $bad failed: .*non-finite.*; the last good state, step $good, is saved in N/checkpoints/$ckpt" N.log ||
+    grep -Eq "train: error: step $bad failed: .*(non-finite|not finite).*; the last good state, step $good, is saved in N/checkpoints/$ckpt" N.log ||
       fail "the message does not name the saved state"
     grep -q '"stop_reason": "failed"' N/summary.json || fail "summary.json does not say failed"
     "$train" --out G "${flags[@]}" --until $good > G.log 2>&1 || { cat G.log; fail "the run stopped at step $good failed"; }
@@ -530,6 +533,24 @@ case "$mode" in
     [ $rc -ne 0 ] || fail "a fresh run into an existing run's directory succeeded"
     grep -q "E already holds a run (E/metrics.jsonl exists)" E2.log || fail "unclear message"
     [ "$(sum E)" = "$before" ] || fail "the failed run changed files"
+    echo "PASS"
+    ;;
+  help)
+    "$train" --help > help.log 2>&1 || { cat help.log; fail "--help failed"; }
+    tr '\n' ' ' < help.log | grep -Eq -- "$1" || { cat help.log; fail "--help does not match: $1"; }
+    grep -Eq -- "--lr FLOAT:NUMBER > 0=0.01|--lr .*=0.01" help.log || fail "--help does not show the default of --lr"
+    echo "PASS"
+    ;;
+  messages)
+    make_token_file "$src/README.md" tokens.bin 2000  # bytes: no token 50256 (the default --eot)
+    "$train" --out R --data tokens:tokens.bin --context 32 --steps 3 --warmup 2 --eval-every 0 > R.log 2>&1 ||
+      { cat R.log; fail "the run failed"; }
+    cat R.log
+    grep -q "warning: --eot 50256 does not occur in the training tokens of tokens.bin" R.log || fail "no --eot warning"
+    lr1=$(grep '"type":"train","step":1,' R/metrics.jsonl | sed -E 's/.*"lr":([^,]+),.*/\1/')
+    awk -v lr="$lr1" 'BEGIN { exit !(lr > 0.004 && lr < 0.006) }' || fail "step 1 ran at lr $lr1, expected 0.01 / 2"
+    sum=$(grep '"type":"train"' R/metrics.jsonl | sed -E 's/.*"tokens":([0-9]+),.*/\1/' | awk '{ s += $1 } END { print s }')
+    grep -q "\"tokens\": $sum," R/summary.json || { cat R/summary.json; fail "summary.json's tokens differ from the metrics' sum, $sum"; }
     echo "PASS"
     ;;
   expect-error)
