@@ -16,10 +16,12 @@ namespace train {
 inline std::atomic<int> stop_signal{0};  // the signal that asked to stop, 0 for none
 static_assert(std::atomic<int>::is_always_lock_free, "the stop flag is written from a signal handler");
 
+inline std::atomic<bool> print_stop_message{true};  // false on the ranks of an MPI job after the first
+
 inline void on_stop_signal(int sig) {
   if (stop_signal.exchange(sig) != 0) _exit(128 + sig);  // the second one: quit now
   static const char msg[] = "\nstop requested: finishing this step, then saving a checkpoint (again to quit now)\n";
-  (void)!write(STDERR_FILENO, msg, sizeof msg - 1);  // async-signal-safe, unlike stdio
+  if (print_stop_message.load()) (void)!write(STDERR_FILENO, msg, sizeof msg - 1);  // async-signal-safe, unlike stdio
 }
 
 // Installs the handlers for its lifetime.

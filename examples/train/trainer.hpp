@@ -169,7 +169,14 @@ struct Session {
   std::optional<std::string> resume_from;  // the checkpoint to continue from
   std::int64_t keep_checkpoints = 3;
   bool replaces_unsaved_start = false;  // --out holds the files of a start that never saved a checkpoint
+  std::string program = "train";        // argv[0], for the command that continues a run
 };
+
+// The command that continues the run in `s` ("mpirun -np R train --out X --resume").
+inline std::string resume_command(const Session& s, int ranks) {
+  return (ranks > 1 ? "mpirun -np " + std::to_string(ranks) + " " : std::string()) + s.program + " --out " + s.out +
+         " --resume";
+}
 
 struct Eval {
   std::int64_t step = -1;
@@ -672,7 +679,7 @@ int run(Config& cfg, Data& data, const Session& session, Group& group, const std
   if (last_saved != step) save();
   if (failed)
     failure += ssmx::detail::str("; the last good state, step ", step, ", is saved in ", last_checkpoint,
-                                 " (continue it with --out ", session.out, " --resume)");
+                                 " (continue it with ", resume_command(session, group.size()), ")");
   const std::int64_t run_peak = *std::max_element(run_peaks.begin(), run_peaks.end());
 
   if (root) {
@@ -721,9 +728,9 @@ int run(Config& cfg, Data& data, const Session& session, Group& group, const std
     std::printf("wrote %s/summary.json%s%s; checkpoint %s\n", session.out.c_str(), plot_path.empty() ? "" : ", ",
                 plot_path.c_str(), last_checkpoint.c_str());
     if (interrupted)
-      std::printf("stopped by signal %d at step %ld%s; continue with --out %s --resume\n", signal_received, long(step),
+      std::printf("stopped by signal %d at step %ld%s; continue with %s\n", signal_received, long(step),
                   group.distributed() ? (" (sent to rank " + std::to_string(signalled_rank) + ")").c_str() : "",
-                  session.out.c_str());
+                  resume_command(session, group.size()).c_str());
     std::fflush(stdout);
   }
   // Every rank leaves together: a rank lost at the very end is noticed (SSMX_DIST_TIMEOUT)
@@ -894,6 +901,9 @@ inline int main(int argc, char** argv, const Presets& presets) {
   cfg.model_names = presets.names();
   if (!presets.find(cfg.model)) cfg.model = cfg.model_names.front();
   Session session;
+  if (argc > 0 && argv[0]) session.program = argv[0];
+  // Under mpirun every rank gets the signal: only the first says that it will stop.
+  if (launcher_rank() > 0) print_stop_message.store(false);
   bool resume = false;
   CLI::App app{"Train a state space model with the exact adjoint backward or another gradient strategy; see the "
                "comment at the top of examples/train/trainer.hpp"};

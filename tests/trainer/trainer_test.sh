@@ -389,7 +389,9 @@ case "$mode" in
     wait $pid || rc=$?
     cat R1.log
     [ $rc -eq 0 ] || fail "SIGINT to rank 1: exit status $rc, expected 0"
-    grep -Eq "stopped by signal 2 at step [0-9]+ \(sent to rank 1\)" R1.log || fail "no stop message naming rank 1"
+    grep -Eq "stopped by signal 2 at step [0-9]+ \(sent to rank 1\); continue with mpirun -np 2 .*train --out R --resume" R1.log ||
+      fail "no stop message naming rank 1 and the command that continues"
+    [ "$(grep -c 'stop requested' R1.log)" -le 1 ] || fail "'stop requested' printed by more than one rank"
     [ -f R/checkpoints/latest ] || fail "SIGINT: no checkpoint"
     grep -q '"stop_reason": "interrupted"' R/summary.json || fail "summary.json does not say interrupted"
     step=$(losses R/metrics.jsonl | tail -1 | cut -d' ' -f1)
@@ -432,6 +434,13 @@ case "$mode" in
     [ $rc -ne 0 ] || fail "ranks with different --seed ran"
     grep -Eq -- "train: error: rank [01] of 2: --seed differs between the ranks \(rank [01] of 2 has [12]\): .*rank 0: 1, rank 1: 2 \(differs from rank 0\)" M0.log ||
       fail "the message does not name --seed and each rank's value"
+    rc=0
+    "${mpi[0]}" "${mpi[1]}" 1 "${mpi[@]:2}" "$train" --dist data --out M --data recall --context 32 --optimizer sgd : \
+      "${mpi[1]}" 1 "$train" --dist data --out M --data recall --context 32 --optimizer adamw > M5.log 2>&1 || rc=$?
+    cat M5.log
+    [ $rc -ne 0 ] && grep -Eq -- '--optimizer differs between the ranks \(rank [01] of 2 has "(sgd|adamw)"\); start every' M5.log ||
+      fail "the message does not name --optimizer and the rank's value"
+    ! grep -E -- '--optimizer differs.*[0-9]{10}' M5.log || fail "the message shows hashes"
     [ ! -e M ] || fail "ranks that disagree wrote files: $(find M)"
     np 2 --dist data --out M --data recall --context 32 --steps 4 --until 2 --eval-every 0 > M1.log 2>&1 ||
       { cat M1.log; fail "first run failed"; }
