@@ -10,7 +10,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=.ci/install-deps.sh
 source .ci/install-deps.sh
 ssmx_install_deps
-cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
+# The options it needs, whatever build/ was configured with before (e.g. an install recipe).
+cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DSSMX_BUILD_EXAMPLES=ON >/dev/null
 target=train_recall
 if [[ "${SSMX_DEVICE:-auto}" != cpu ]] && nvidia-smi -L >/dev/null 2>&1 &&
    grep -q '^SSMX_ENABLE_CUDA:BOOL=ON' build/CMakeCache.txt; then

@@ -13,7 +13,9 @@
 #include <CLI/CLI.hpp>
 
 #include <chrono>
+#include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <deque>
 #include <ssmx/ssmx.hpp>
 
@@ -87,32 +89,42 @@ int main(int argc, char** argv) {
   task.query_every = o.query_every;
   task.query_from = o.query_from;
   CLI::App app{"Train a DiagonalSSM with the adjoint method on long-range key-value recall"};
-  app.add_option("--context", o.context, "tokens per sequence")->check(CLI::PositiveNumber);
-  app.add_option("--batch", o.batch, "sequences per step")->check(CLI::PositiveNumber);
-  app.add_option("--steps", o.steps, "optimisation steps")->check(CLI::PositiveNumber);
-  app.add_option("--minutes", o.minutes, "stop training after this many minutes")->check(CLI::PositiveNumber);
-  app.add_option("--chunk", o.chunk, "adjoint chunk length")->check(CLI::PositiveNumber);
-  app.add_option("--lr", o.lr, "AdamW learning rate")->check(CLI::PositiveNumber);
+  app.option_defaults()->always_capture_default();  // --help shows every default
+  // CLI::PositiveNumber's message prints its range (0 to DBL_MAX in full): name the constraint.
+  const CLI::Validator positive(
+      [](std::string& s) -> std::string {
+        char* end = nullptr;
+        const double v = std::strtod(s.c_str(), &end);
+        if (s.empty() || end != s.c_str() + s.size()) return "must be a number, got '" + s + "'";
+        return v > 0 && v < HUGE_VAL ? "" : "must be a positive number, got " + s;
+      },
+      "NUMBER > 0");
+  app.add_option("--context", o.context, "tokens per sequence")->check(positive);
+  app.add_option("--batch", o.batch, "sequences per step")->check(positive);
+  app.add_option("--steps", o.steps, "optimisation steps")->check(positive);
+  app.add_option("--minutes", o.minutes, "stop training after this many minutes")->check(positive);
+  app.add_option("--chunk", o.chunk, "adjoint chunk length")->check(positive);
+  app.add_option("--lr", o.lr, "AdamW learning rate")->check(positive);
   app.add_option("--clip", o.clip, "global gradient-norm clip");
   app.add_option("--warmup", o.warmup, "linear warmup steps (-1: min(20, steps / 10 + 1))");
   app.add_option("--min-lr", o.min_lr, "final learning rate of the cosine schedule, as a fraction of --lr");
   app.add_flag("--untied", o.untied, "an LM head of its own instead of the tied embedding");
-  app.add_option("--pairs", task.pairs, "key-value bindings per sequence")->check(CLI::PositiveNumber);
+  app.add_option("--pairs", task.pairs, "key-value bindings per sequence")->check(positive);
   app.add_option("--query-every", task.query_every, "tokens between queries")->check(CLI::Range(2, 1 << 30));
   app.add_option("--query-from", task.query_from, "queries start at this fraction of the sequence")
       ->check(CLI::Range(0.0, 0.99));
-  app.add_option("--values", task.values, "distinct values (chance accuracy is 1 / values)")->check(CLI::PositiveNumber);
-  app.add_option("--keys", task.keys, "distinct keys")->check(CLI::PositiveNumber);
-  app.add_option("--filler", task.filler, "distinct filler tokens")->check(CLI::PositiveNumber);
+  app.add_option("--values", task.values, "distinct values (chance accuracy is 1 / values)")->check(positive);
+  app.add_option("--keys", task.keys, "distinct keys")->check(positive);
+  app.add_option("--filler", task.filler, "distinct filler tokens")->check(positive);
   app.add_option("--eval-sequences", o.eval_sequences, "fresh sequences for the final evaluation");
   app.add_option("--curriculum-start", o.curriculum_start,
                  "first training context; doubles every --curriculum-steps up to --context (0: off)");
   app.add_option("--curriculum-steps", o.curriculum_steps, "steps per curriculum stage (at most)")
-      ->check(CLI::PositiveNumber);
+      ->check(positive);
   app.add_option("--curriculum-acc", o.curriculum_acc,
                  "end a curriculum stage early once the training accuracy of its last 10 steps reaches this (0: off)")
       ->check(CLI::Range(0.0, 1.0));
-  app.add_option("--log-every", o.log_every, "steps between progress lines")->check(CLI::PositiveNumber);
+  app.add_option("--log-every", o.log_every, "steps between progress lines")->check(positive);
   app.add_option("--seed", o.seed, "random seed");
   CLI11_PARSE(app, argc, argv);
 

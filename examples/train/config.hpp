@@ -1,13 +1,14 @@
 // The trainer's configuration: every flag is one field of Config, described once in
 // fields() (flag name, help, how it behaves on --resume), so that the command line, the
 // checkpoint's saved copy and the comparison on resume cannot drift apart.
-// Private to examples/train.cpp; include it from there.
+// Part of the trainer; include examples/train/trainer.hpp instead.
 #pragma once
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
 #include <cstdint>
+#include <cmath>
 #include <cstdlib>
 #include <optional>
 #include <string>
@@ -23,19 +24,54 @@ struct UsageError : ssmx::ValueError {
   using ssmx::ValueError::ValueError;
 };
 
-// A flag's number must be > 0 (or >= 0): CLI11's PositiveNumber says "not in range 0 to
-// 1.797...e308"; this names the bound. Other checks (the conversion) follow.
-inline CLI::Validator number_above(bool or_equal) {
+// The bound of a numeric flag. The command line checks it, with the type, before CLI11
+// converts the text, so that a message names the constraint ("must be a positive integer,
+// got 0") instead of CLI11's range (0 to all 309 digits of DBL_MAX).
+struct Limit {
+  enum Kind { any, positive, nonnegative, range } kind = any;
+  double lo = 0, hi = 0;
+};
+inline Limit positive_limit() { return {Limit::positive}; }
+inline Limit nonnegative_limit() { return {Limit::nonnegative}; }
+inline Limit range_limit(double lo, double hi) { return {Limit::range, lo, hi}; }
+
+inline std::string format_bound(double v) {
+  std::string s = std::to_string(v);
+  s.erase(s.find_last_not_of('0') + 1);
+  if (!s.empty() && s.back() == '.') s.pop_back();
+  return s;
+}
+
+// What --help shows and the check itself, for an integer or a floating-point flag.
+inline CLI::Validator limit_validator(Limit l, bool integer) {
+  const std::string kind = integer ? "integer" : "number";
+  std::string desc = integer ? "INTEGER" : "NUMBER";
+  if (l.kind == Limit::positive) desc += " > 0";
+  if (l.kind == Limit::nonnegative) desc += " >= 0";
+  if (l.kind == Limit::range) desc += " in [" + format_bound(l.lo) + ", " + format_bound(l.hi) + "]";
   return CLI::Validator(
-      [or_equal](std::string& s) -> std::string {
+      [l, integer, kind](std::string& s) -> std::string {
         char* end = nullptr;
         const double v = std::strtod(s.c_str(), &end);
-        if (s.empty() || end != s.c_str() + s.size()) return "'" + s + "' is not a number";
-        if (or_equal && !(v >= 0)) return s + " is negative; expected a number >= 0";
-        if (!or_equal && !(v > 0)) return s + " is not > 0";
+        const std::string a = integer ? "an integer" : "a number";
+        if (s.empty() || end != s.c_str() + s.size() || s.find_first_of(" \t") != std::string::npos)
+          return "must be " + a + ", got '" + s + "'";
+        if (!std::isfinite(v)) return "must be a finite " + kind + ", got " + s;
+        if (integer && (v != std::floor(v) || s.find_first_of(".eE") != std::string::npos))
+          return "must be an integer, got " + s;
+        if (l.kind == Limit::positive && !(v > 0)) return "must be a positive " + kind + ", got " + s;
+        if (l.kind == Limit::nonnegative && !(v >= 0)) return "must be " + a + " >= 0, got " + s;
+        if (l.kind == Limit::range && !(v >= l.lo && v <= l.hi))
+          return "must be " + a + " in [" + format_bound(l.lo) + ", " + format_bound(l.hi) + "], got " + s;
         return "";
       },
-      or_equal ? "NUMBER >= 0" : "NUMBER > 0");
+      desc);
+}
+
+inline std::string join(const std::vector<std::string>& items, const std::string& sep) {
+  std::string s;
+  for (const auto& i : items) s += (s.empty() ? "" : sep) + i;
+  return s;
 }
 
 // What a field does when a run is resumed.
@@ -49,8 +85,8 @@ struct Field {
   const char* name;  // the flag without "--", and the key in config.json
   std::variant<std::string*, std::int64_t*, double*> value;
   OnResume on_resume;
-  const char* help;
-  std::optional<CLI::Validator> check = std::nullopt;  // on the command line only
+  std::string help;
+  std::variant<Limit, CLI::Validator> check = Limit{};  // on the command line only: numbers, or a set of names
   // The value a checkpoint saved before this flag existed stands for (null: none; such a
   // checkpoint cannot be resumed).
   nlohmann::json if_absent = nullptr;
@@ -82,13 +118,14 @@ struct Config {
   std::string out, checkpoint_dir, device = "auto";
   std::int64_t until = 0, threads = 0;
   double minutes = 0.0;
+  // not a flag: the names --model accepts (the presets the program registered, trainer.hpp)
+  std::vector<std::string> model_names{"diagonal-small", "diagonal-base", "mamba-tiny", "mamba-130m"};
 
   std::vector<Field> fields() {
-    const auto positive = number_above(false), nonneg = number_above(true);
+    const Limit positive = positive_limit(), nonneg = nonnegative_limit();
     const auto mm = OnResume::must_match, mc = OnResume::may_change, ns = OnResume::not_saved;
     return {
-        {"model", &model, mm, "model preset: diagonal-small | diagonal-base | mamba-tiny | mamba-130m",
-         CLI::IsMember({"diagonal-small", "diagonal-base", "mamba-tiny", "mamba-130m"})},
+        {"model", &model, mm, "model preset: " + join(model_names, " | "), CLI::IsMember(model_names)},
         {"strategy", &strategy, mm, "gradient strategy: adjoint | truncated | checkpointed | backprop",
          CLI::IsMember({"adjoint", "truncated", "checkpointed", "backprop"})},
         {"chunk", &chunk, mm, "tokens recomputed at a time by the adjoint backward (and evaluation chunk)", positive},
@@ -107,12 +144,12 @@ struct Config {
         {"batch", &batch, mm, "rows per step", positive},
         {"vocab", &vocab, mm, "vocabulary of tokens:PATH data (0: largest token + 1)", nonneg},
         {"eot", &eot, mm, "document separator of tokens:PATH data (begins each document)", nonneg},
-        {"val-fraction", &val_fraction, mm, "held-out tail of tokens/text data for evaluation", CLI::Range(0.0, 0.5)},
+        {"val-fraction", &val_fraction, mm, "held-out tail of tokens/text data for evaluation", range_limit(0.0, 0.5)},
         {"recall-values", &recall_values, mm, "recall: number of values (chance = 1/values)", positive},
         {"recall-keys", &recall_keys, mm, "recall: number of keys", positive},
         {"recall-filler", &recall_filler, mm, "recall: number of filler tokens", positive},
         {"pairs", &pairs, mm, "recall: key-value bindings per sequence", positive},
-        {"query-every", &query_every, mm, "recall: tokens between queries", CLI::Range(2, 1 << 30)},
+        {"query-every", &query_every, mm, "recall: tokens between queries", range_limit(2, 1 << 30)},
         {"curriculum-start", &curriculum_start, mm,
          "recall: first training context, doubled every --curriculum-steps up to --context (0: off)", nonneg},
         {"curriculum-first", &curriculum_first, mm,
@@ -122,12 +159,12 @@ struct Config {
         {"lr", &lr, mm, "peak learning rate", positive},
         {"schedule", &schedule, mm, "cosine (warmup, then down to --min-lr-ratio * lr) | constant (after warmup)",
          CLI::IsMember({"cosine", "constant"})},
-        {"min-lr-ratio", &min_lr_ratio, mm, "cosine: final learning rate as a fraction of --lr", CLI::Range(0.0, 1.0)},
-        {"warmup", &warmup, mm, "linear warmup steps", nonneg},
+        {"min-lr-ratio", &min_lr_ratio, mm, "cosine: final learning rate as a fraction of --lr", range_limit(0.0, 1.0)},
+        {"warmup", &warmup, mm, "linear warmup steps: step s <= N runs at lr * s / N (0: none)", nonneg},
         {"weight-decay", &weight_decay, mm, "AdamW decoupled / SGD L2 weight decay", nonneg},
-        {"beta1", &beta1, mm, "AdamW beta1", CLI::Range(0.0, 0.999999)},
-        {"beta2", &beta2, mm, "AdamW beta2", CLI::Range(0.0, 0.999999)},
-        {"momentum", &momentum, mm, "SGD momentum", CLI::Range(0.0, 0.999999)},
+        {"beta1", &beta1, mm, "AdamW beta1", range_limit(0.0, 0.999999)},
+        {"beta2", &beta2, mm, "AdamW beta2", range_limit(0.0, 0.999999)},
+        {"momentum", &momentum, mm, "SGD momentum", range_limit(0.0, 0.999999)},
         {"clip", &clip, mm, "clip the global gradient norm to this (0: no clipping)", nonneg},
         {"seed", &seed, mm, "seed of the initialisation and the data order", nonneg},
         {"steps", &steps, mc, "optimisation steps of the whole run (the schedule spans them)", positive},

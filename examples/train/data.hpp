@@ -11,7 +11,7 @@
 // into [batch, context] steps by data::Packer, whose cursor (state()) is saved with each
 // checkpoint. Rows that continue a document carry their recurrent state from the previous
 // step (carry_over); the others start from zero.
-// Private to examples/train.cpp; include it from there.
+// Part of the trainer; include examples/train/trainer.hpp instead.
 #pragma once
 
 #include <algorithm>
@@ -101,6 +101,8 @@ class Data {
 
   index_t vocab() const { return vocab_; }
   const std::string& description() const { return description_; }
+  // A doubt about the data that does not stop the run (printed after the description).
+  const std::string& warning() const { return warning_; }
   double chance() const { return recall_ ? recall_->chance() : -1.0; }
   bool carries_state() const { return bool(train_); }  // packed data: rows continue across steps
 
@@ -257,12 +259,16 @@ class Data {
     description_ = what + ": " + std::to_string(n - n_val) + " training tokens in " +
                    std::to_string(train_->num_documents()) + (kind == "text" ? " streams" : " documents") + ", " +
                    std::to_string(n_val) + " held out, vocab " + std::to_string(vocab_);
+    if (kind == "tokens" && train_->num_documents() <= 1)
+      warning_ = "warning: --eot " + std::to_string(c.eot) + " does not occur in the training tokens of " + path +
+                 ": the whole file is one document (no state resets); pass --eot with the token that begins "
+                 "each document";
   }
 
   index_t rows_, context_;
   std::uint64_t seed_;
   index_t vocab_ = 0;
-  std::string description_;
+  std::string description_, warning_;
   // recall
   std::optional<ssmx::data::RecallTask> recall_;
   index_t curriculum_start_ = 0, curriculum_steps_ = 1, curriculum_first_ = 1;

@@ -23,7 +23,7 @@
 // that rank prints `train: error: rank r of R: ...` and calls MPI_Abort. A rank that dies
 // without a word leaves the others waiting in a collective until SSMX_DIST_TIMEOUT seconds
 // (default 300) have passed; they then fail the same way.
-// Private to examples/train.cpp; include it from there.
+// Part of the trainer; include examples/train/trainer.hpp instead.
 #pragma once
 
 #include <nlohmann/json.hpp>
@@ -65,6 +65,15 @@ inline Scheme parse_scheme(const std::string& s) {
 
 // The number of processes of the MPI job this process was started in, as the launcher tells
 // it (Open MPI, MPICH/Hydra and PMI launchers such as srun); 1 when there is none.
+inline long launcher_rank() {
+  for (const char* var : {"OMPI_COMM_WORLD_RANK", "PMI_RANK"})
+    if (const char* s = std::getenv(var)) {
+      char* end = nullptr;
+      const long r = std::strtol(s, &end, 10);
+      if (end != s && *end == '\0' && r >= 0) return r;
+    }
+  return 0;
+}
 inline long launcher_job_size() {
   for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE"})
     if (const char* s = std::getenv(var)) {
@@ -191,8 +200,11 @@ class Group {
       } catch (const ssmx::dist::DistTimeoutError&) {
         throw;
       } catch (const ssmx::dist::DistError& e) {
+        // An integer's check lists every rank's value; other values were compared by a hash,
+        // which says nothing to a person: then only this rank's value.
         throw UsageError(ssmx::detail::str("--", name, " differs between the ranks (", who(), " has ", value.dump(),
-                                           "): ", e.what(), "; start every rank with the same flags"));
+                                           ")", value.is_number_integer() ? std::string(": ") + e.what() : "",
+                                           "; start every rank with the same flags"));
       }
     }
     throw UsageError("the ranks were started with different flags; start every rank with the same flags");

@@ -1,7 +1,7 @@
 // JSON-lines metrics: one object per logged step ("type": "train") and per evaluation
 // ("type": "eval"), keys in a fixed order, doubles printed with %.17g so that they read back
 // to the same bits (and two runs can be compared line by line).
-// Private to examples/train.cpp; include it from there.
+// Part of the trainer; include examples/train/trainer.hpp instead.
 #pragma once
 
 #include <sys/stat.h>

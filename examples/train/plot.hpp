@@ -1,7 +1,7 @@
 // The loss and accuracy curves of a run: a PNG drawn by gnuplot when it is on PATH, else an
 // SVG line chart written here (no dependency). Either way the file appears atomically
 // (written under a temporary name, then renamed).
-// Private to examples/train.cpp; include it from there.
+// Part of the trainer; include examples/train/trainer.hpp instead.
 #pragma once
 
 #include <sys/stat.h>

@@ -2,7 +2,7 @@
 // (a log file, a pipe, CI) a plain line every --print-every steps, so logs stay readable.
 // Under mpirun always plain lines: Open MPI hands each rank a pseudo-terminal even when
 // mpirun's own output goes to a file.
-// Private to examples/train.cpp; include it from there.
+// Part of the trainer; include examples/train/trainer.hpp instead.
 #pragma once
 
 #include <sys/ioctl.h>

@@ -3,7 +3,7 @@
 // step), then saves a checkpoint and exits 0. A second signal quits at once (checkpoints are
 // written atomically, so none is left half-written). SIGUSR1 is for MPI jobs: Open MPI's
 // mpirun forwards it to every rank, whereas it answers SIGINT/SIGTERM by killing the ranks.
-// Private to examples/train.cpp; include it from there.
+// Part of the trainer; include examples/train/trainer.hpp instead.
 #pragma once
 
 #include <signal.h>
@@ -16,10 +16,12 @@ namespace train {
 inline std::atomic<int> stop_signal{0};  // the signal that asked to stop, 0 for none
 static_assert(std::atomic<int>::is_always_lock_free, "the stop flag is written from a signal handler");
 
+inline std::atomic<bool> print_stop_message{true};  // false on the ranks of an MPI job after the first
+
 inline void on_stop_signal(int sig) {
   if (stop_signal.exchange(sig) != 0) _exit(128 + sig);  // the second one: quit now
   static const char msg[] = "\nstop requested: finishing this step, then saving a checkpoint (again to quit now)\n";
-  (void)!write(STDERR_FILENO, msg, sizeof msg - 1);  // async-signal-safe, unlike stdio
+  if (print_stop_message.load()) (void)!write(STDERR_FILENO, msg, sizeof msg - 1);  // async-signal-safe, unlike stdio
 }
 
 // Installs the handlers for its lifetime.

@@ -3,7 +3,7 @@
 #
 #   trainer_test.sh MODE TRAIN WORK SOURCE_DIR [ARGS...]
 #
-#   resume-recall | resume-text | resume-tokens
+#   resume-recall | resume-text | resume-tokens | resume-custom (TRAIN: train_custom)
 #       run A: 2N steps in one go; run B: stopped after step N + 1, its last checkpoint
 #       (N + 1) deleted as if it crashed before saving, then --resume: B's metrics must hold
 #       the same losses as A's, byte for byte, for every step.
@@ -11,6 +11,9 @@
 #   mismatch      --resume with a flag that differs from the saved config fails, names the
 #                 flag and both values, and changes nothing on disk.
 #   existing      a fresh run into a directory holding another run fails and changes nothing.
+#   help REGEX    `train --help` exits 0, matches REGEX (newlines as spaces), shows defaults.
+#   messages      a token file without the default --eot token: a warning; step 1 runs at
+#                 lr / warmup, not 0; summary.json's tokens are the metrics lines' sum.
 #   expect-error REGEX ARGS...
 #                 `train ARGS...` run in an empty WORK must fail with a message matching
 #                 REGEX and leave WORK empty.
@@ -312,7 +315,7 @@ case "$mode" in
     [ -n "$bad" ] && [ "$bad" -ge 2 ] || fail "the message does not name the failed step (after the first)"
     good=$((bad - 1))
     ckpt=$(printf 'step_%08d.safetensors' $good)
-    grep -Eq "train: error: step $bad failed: .*non-finite.*; the last good state, step $good, is saved in N/checkpoints/$ckpt" N.log ||
+    grep -Eq "train: error: step $bad failed: .*(non-finite|not finite).*; the last good state, step $good, is saved in N/checkpoints/$ckpt" N.log ||
       fail "the message does not name the saved state"
     grep -q '"stop_reason": "failed"' N/summary.json || fail "summary.json does not say failed"
     "$train" --out G "${flags[@]}" --until $good > G.log 2>&1 || { cat G.log; fail "the run stopped at step $good failed"; }
@@ -386,7 +389,9 @@ case "$mode" in
     wait $pid || rc=$?
     cat R1.log
     [ $rc -eq 0 ] || fail "SIGINT to rank 1: exit status $rc, expected 0"
-    grep -Eq "stopped by signal 2 at step [0-9]+ \(sent to rank 1\)" R1.log || fail "no stop message naming rank 1"
+    grep -Eq "stopped by signal 2 at step [0-9]+ \(sent to rank 1\); continue with mpirun -np 2 .*train --out R --resume" R1.log ||
+      fail "no stop message naming rank 1 and the command that continues"
+    [ "$(grep -c 'stop requested' R1.log)" -le 1 ] || fail "'stop requested' printed by more than one rank"
     [ -f R/checkpoints/latest ] || fail "SIGINT: no checkpoint"
     grep -q '"stop_reason": "interrupted"' R/summary.json || fail "summary.json does not say interrupted"
     step=$(losses R/metrics.jsonl | tail -1 | cut -d' ' -f1)
@@ -429,6 +434,13 @@ case "$mode" in
     [ $rc -ne 0 ] || fail "ranks with different --seed ran"
     grep -Eq -- "train: error: rank [01] of 2: --seed differs between the ranks \(rank [01] of 2 has [12]\): .*rank 0: 1, rank 1: 2 \(differs from rank 0\)" M0.log ||
       fail "the message does not name --seed and each rank's value"
+    rc=0
+    "${mpi[0]}" "${mpi[1]}" 1 "${mpi[@]:2}" "$train" --dist data --out M --data recall --context 32 --optimizer sgd : \
+      "${mpi[1]}" 1 "$train" --dist data --out M --data recall --context 32 --optimizer adamw > M5.log 2>&1 || rc=$?
+    cat M5.log
+    [ $rc -ne 0 ] && grep -Eq -- '--optimizer differs between the ranks \(rank [01] of 2 has "(sgd|adamw)"\); start every' M5.log ||
+      fail "the message does not name --optimizer and the rank's value"
+    ! grep -E -- '--optimizer differs.*[0-9]{10}' M5.log || fail "the message shows hashes"
     [ ! -e M ] || fail "ranks that disagree wrote files: $(find M)"
     np 2 --dist data --out M --data recall --context 32 --steps 4 --until 2 --eval-every 0 > M1.log 2>&1 ||
       { cat M1.log; fail "first run failed"; }
@@ -464,6 +476,12 @@ case "$mode" in
     ;;
   resume-recall)
     resume_test 3 --data recall --context 64 --batch 2 --curriculum-start 16 --curriculum-steps 2 --eval-sequences 2
+    ;;
+  resume-custom)  # TRAIN is train_custom: a user's layer (examples/custom_layer.hpp) through train/trainer.hpp
+    resume_test 3 --data recall --model gated-small --context 64 --batch 2 --eval-sequences 2
+    grep -q "model gated-small (d_model=64, state 64x16, K=2 layers" A.log || { cat A.log; fail "the log does not describe the custom preset"; }
+    "$train" --help > help.log || fail "--help failed"
+    grep -q -- "--model TEXT:{gated-small}" help.log || fail "--help does not list the custom preset"
     ;;
   resume-text)
     resume_test 3 --data "text:$src/README.md" --model mamba-tiny --strategy truncated --window 16 --context 32 \
@@ -524,6 +542,24 @@ case "$mode" in
     [ $rc -ne 0 ] || fail "a fresh run into an existing run's directory succeeded"
     grep -q "E already holds a run (E/metrics.jsonl exists)" E2.log || fail "unclear message"
     [ "$(sum E)" = "$before" ] || fail "the failed run changed files"
+    echo "PASS"
+    ;;
+  help)
+    "$train" --help > help.log 2>&1 || { cat help.log; fail "--help failed"; }
+    tr '\n' ' ' < help.log | grep -Eq -- "$1" || { cat help.log; fail "--help does not match: $1"; }
+    grep -Eq -- "--lr FLOAT:NUMBER > 0=0.01|--lr .*=0.01" help.log || fail "--help does not show the default of --lr"
+    echo "PASS"
+    ;;
+  messages)
+    make_token_file "$src/README.md" tokens.bin 2000  # bytes: no token 50256 (the default --eot)
+    "$train" --out R --data tokens:tokens.bin --context 32 --steps 3 --warmup 2 --eval-every 0 > R.log 2>&1 ||
+      { cat R.log; fail "the run failed"; }
+    cat R.log
+    grep -q "warning: --eot 50256 does not occur in the training tokens of tokens.bin" R.log || fail "no --eot warning"
+    lr1=$(grep '"type":"train","step":1,' R/metrics.jsonl | sed -E 's/.*"lr":([^,]+),.*/\1/')
+    awk -v lr="$lr1" 'BEGIN { exit !(lr > 0.004 && lr < 0.006) }' || fail "step 1 ran at lr $lr1, expected 0.01 / 2"
+    sum=$(grep '"type":"train"' R/metrics.jsonl | sed -E 's/.*"tokens":([0-9]+),.*/\1/' | awk '{ s += $1 } END { print s }')
+    grep -q "\"tokens\": $sum," R/summary.json || { cat R/summary.json; fail "summary.json's tokens differ from the metrics' sum, $sum"; }
     echo "PASS"
     ;;
   expect-error)

@@ -169,7 +169,7 @@ TEST_CASE("model: whole-model gradients (K = 3, T = 64) match central difference
   }
   for (auto& g : grads) gp.push_back(&g);
   GradcheckOptions o;
-  o.eps = 1e-5;
+  o.eps = 1e-6;  // small against the tied embedding's scale (0.02), where the loss curves most
   o.rtol = 1e-5;
   o.atol = 1e-7;
   o.max_checks = 12;  // an evenly spread sample of each parameter

@@ -171,21 +171,27 @@ class Model {
                  cfg.layer_end, ") is not a non-empty range of the model's ", K, " layers");
     cfg_.layer_end = ke_;
     std::mt19937_64 rng(cfg.seed);
-    // Embeddings ~ N(0, 1/P): the tied head then starts with logits of unit scale. Parts
-    // this process does not hold still draw their numbers, so every part gets the values
-    // of the whole model.
-    std::normal_distribution<double> nd(0.0, 1.0 / std::sqrt(double(d_model)));
-    auto draw = [&](Parameter<T, Mem>* p, index_t count) {
+    // The matrix the head multiplies by (the embedding when tied, lm_head otherwise) ~
+    // N(0, 0.02^2), GPT-2's and Mamba's initializer_range: the final norm gives the stream
+    // unit RMS, so the logits start with std 0.02·sqrt(P), the prediction near uniform and
+    // the first loss near ln(vocab) (tests/unit/test_model.cpp checks it for the trainer's
+    // presets). With a head of its own the embedding ~ N(0, 1/P): rows of unit norm.
+    // Parts this process does not hold still draw their numbers, so every part gets the
+    // values of the whole model.
+    std::normal_distribution<double> nd(0.0, 1.0);
+    constexpr double head_std = 0.02;
+    auto draw = [&](Parameter<T, Mem>* p, index_t count, double std) {
       if (p)
-        set_values(*p, [&](index_t) { return nd(rng); });
+        set_values(*p, [&](index_t) { return std * nd(rng); });
       else
         for (index_t i = 0; i < count; ++i) (void)nd(rng);
     };
     if (holds_embedding()) embedding_.emplace("embedding.weight", cfg.vocab, d_model);
-    draw(embedding_ ? &embedding_->weight : nullptr, cfg.vocab * d_model);
+    draw(embedding_ ? &embedding_->weight : nullptr, cfg.vocab * d_model,
+         cfg.tie_embeddings ? head_std : 1.0 / std::sqrt(double(d_model)));
     if (!cfg.tie_embeddings) {
       if (holds_head()) head_.emplace("lm_head.weight", Dims{d_model, cfg.vocab});
-      draw(head_ ? &*head_ : nullptr, d_model * cfg.vocab);
+      draw(head_ ? &*head_ : nullptr, d_model * cfg.vocab, head_std);
     }
     for (index_t k = 0; k < K; ++k) {
       auto blk = std::make_unique<Block<Layer>>("layers." + std::to_string(k) + ".");
