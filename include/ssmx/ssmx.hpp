@@ -14,6 +14,8 @@
 #include "optim/optim.hpp"
 #include "nn/model.hpp"
 #include "nn/train.hpp"
+#include "nn/evaluate.hpp"
+#include "nn/sampling.hpp"
 #include "data/packing.hpp"
 #include "data/recall.hpp"
 #include "data/token_file.hpp"

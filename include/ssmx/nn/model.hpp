@@ -78,6 +78,26 @@ struct LayerStates {
   std::vector<Tensor<T, S>> initial_halo_grad;
 };
 
+// What generation carries from one token to the next for B sequences: every layer's state
+// and the last `halo` rows of its input (the convolution window), [B, S] and
+// [B, halo, d_model] per layer (the layouts of LayerStates), and per sequence the tokens since
+// its document start (capped at the halo; the window is cut at a start). Its size does not
+// grow with the tokens generated. Model::decode_state makes one, Model::prefill and
+// Model::step advance it.
+template <class T, Space S = Space::Host>
+struct DecodeState {
+  index_t batch = 0;
+  std::vector<Tensor<T, S>> h;      // K × [B, S]
+  std::vector<Tensor<T, S>> tail;   // K × [B, halo, d_model] (empty without a halo)
+  std::vector<index_t> since;       // [B]
+  std::size_t bytes() const {
+    std::size_t n = 0;
+    for (const auto& t : h) n += t.nbytes();
+    for (const auto& t : tail) n += t.nbytes();
+    return n;
+  }
+};
+
 // How one process's part of a distributed forward/backward pass meets the other processes'
 // parts (ssmx::dist implements it over MPI; see dist/layer_parallel.hpp and
 // dist/sequence_parallel.hpp). A model holding layers [b, e) (Config::layer_begin/end)
@@ -289,6 +309,118 @@ class Model {
     return out;
   }
 
+  // ---- generation: one token at a time, constant memory per token ----
+
+  // Zero states for `batch` sequences (the state before a sequence's first token).
+  DecodeState<T, Mem> decode_state(index_t batch) const {
+    SSMX_REQUIRE(batch > 0, ValueError, "decode_state: the batch size is ", batch, ", expected at least 1");
+    SSMX_REQUIRE(holds_all(), ValueError, "decode_state: this model holds layers [", kb_, ", ", ke_, ") of ", K,
+                 "; generation needs the whole model");
+    DecodeState<T, Mem> ds;
+    ds.batch = batch;
+    const index_t S = state_numel(Layer::state_dims());
+    for (index_t k = 0; k < K; ++k) {
+      ds.h.push_back(zeros<T, Mem>(Dims{batch, S}, Tag::Activations));
+      ds.tail.push_back(halo > 0 ? zeros<T, Mem>(Dims{batch, halo, d_model}, Tag::Activations) : Tensor<T, Mem>());
+    }
+    ds.since.assign(std::size_t(batch), halo);
+    return ds;
+  }
+
+  // The logits of the next token of every sequence, [B, vocab], from one token each
+  // (tokens[b] for sequence b); advances ds by one token. starts (optional, [B]): 1 where the
+  // token begins a new document (its state and window start afresh, as Batch::starts).
+  // Equal to the logits of the parallel forward over the same tokens, to rounding.
+  Tensor<T, Mem> step(const token_t* tokens, DecodeState<T, Mem>& ds, const std::uint8_t* starts = nullptr) {
+    check_decode_state(ds, "step");
+    const index_t B = ds.batch, P = d_model;
+    for (index_t b = 0; b < B; ++b)
+      SSMX_REQUIRE(tokens[b] >= 0 && index_t(tokens[b]) < cfg_.vocab, ValueError, "step: tokens[", b, "] = ", tokens[b],
+                   " is outside the vocabulary [0, ", cfg_.vocab, ")");
+    bool any_start = false, cut = false;  // a state cut, a window cut
+    for (index_t b = 0; b < B; ++b) {
+      const bool s = starts && starts[b];
+      if (s) ds.since[std::size_t(b)] = 0;
+      any_start = any_start || s;
+      cut = cut || ds.since[std::size_t(b)] < halo;
+    }
+    Tensor<T, Mem> y(Dims{B, P}, Tag::Activations);
+    embedding_->forward(tokens, B, y.view());
+    Tensor<T, Mem> y_ext(Dims{B * (halo + 1), P}, Tag::Activations);
+    for (index_t k = 0; k < K; ++k) {
+      // Per sequence: its window rows, then its token.
+      for (index_t b = 0; b < B; ++b) {
+        const index_t r = b * (halo + 1);
+        if constexpr (halo > 0) copy<T>(y_ext.view().slice(r, r + halo), row_of(ds.tail[std::size_t(k)], b, Dims{halo, P}));
+        copy<T>(y_ext.view().slice(r + halo, r + halo + 1), CV(y.view()).slice(b, b + 1));
+      }
+      Tensor<T, Mem> y_out(Dims{B, P}, Tag::Activations);
+      detail::step_stretch(block(k), CV(y_ext.view()), ds.h[std::size_t(k)].view(), any_start ? starts : nullptr,
+                           cut ? ds.since.data() : nullptr, y_out.view());
+      if constexpr (halo > 0)  // the window moves on by one token
+        for (index_t b = 0; b < B; ++b) {
+          const index_t r = b * (halo + 1);
+          copy<T>(row_of(ds.tail[std::size_t(k)], b, Dims{halo, P}), CV(y_ext.view()).slice(r + 1, r + halo + 1));
+        }
+      y = std::move(y_out);
+    }
+    for (auto& s : ds.since) s = std::min(s + 1, halo);
+    Tensor<T, Mem> out(Dims{B, cfg_.vocab}, Tag::Activations);
+    assign(out.view(), matmul(rms_norm(CV(y.view()), norm_f_.weight.value, norm_f_.eps), head_view()));
+    return out;
+  }
+
+  // Runs sequence b of ds over a prompt of `len` tokens with the parallel forward (chunks of
+  // `chunk`, the fused scans), continuing from the state ds holds for it; returns the logits
+  // after the prompt's last token, [1, vocab]. starts (optional, [len]) as Batch::starts.
+  Tensor<T, Mem> prefill(const token_t* prompt, index_t len, DecodeState<T, Mem>& ds, index_t b = 0,
+                         index_t chunk = 1024, const std::uint8_t* starts = nullptr) {
+    check_decode_state(ds, "prefill");
+    SSMX_REQUIRE(b >= 0 && b < ds.batch, ValueError, "prefill: sequence ", b, " of a decode state for ", ds.batch,
+                 " sequences");
+    SSMX_REQUIRE(len > 0, ValueError, "prefill: the prompt is empty");
+    const index_t S = state_numel(Layer::state_dims()), P = d_model;
+    LayerStates<T, Mem> ls;
+    for (index_t k = 0; k < K; ++k) {
+      ls.initial.push_back(Tensor<T, Mem>(Dims{1, S}, Tag::Activations));
+      copy<T>(ls.initial.back().view(), CV(ds.h[std::size_t(k)].view()).slice(b, b + 1));
+      if constexpr (halo > 0) {
+        ls.initial_halo.push_back(Tensor<T, Mem>(Dims{1, halo, P}, Tag::Activations));
+        copy<T>(ls.initial_halo.back().view().reshape(Dims{halo, P}), row_of(ds.tail[std::size_t(k)], b, Dims{halo, P}));
+      }
+    }
+    std::vector<std::uint8_t> st;
+    const index_t since0 = ds.since[std::size_t(b)];
+    if (starts || since0 < halo) {
+      st.assign(std::size_t(len), 0);
+      if (starts) std::copy(starts, starts + len, st.begin());
+    }
+    Batch batch{prompt, nullptr, 1, len, st.empty() ? nullptr : st.data()};
+    Tensor<T, Mem> lg;
+    if (since0 < halo && !(starts && starts[0])) {
+      // Continue a document begun in ds within the last halo tokens: step until the window
+      // no longer reaches its start, then run the rest in parallel.
+      const index_t m = std::min(len, halo - since0);
+      DecodeState<T, Mem> one = slice_state(ds, b);
+      for (index_t t = 0; t < m; ++t) lg = step(prompt + t, one, starts ? starts + t : nullptr);
+      put_state(ds, b, one);
+      if (m == len) return lg;
+      return prefill(prompt + m, len - m, ds, b, chunk, starts ? starts + m : nullptr);
+    }
+    lg = logits(batch, chunk, &ls);
+    for (index_t k = 0; k < K; ++k) {
+      copy<T>(ds.h[std::size_t(k)].view().slice(b, b + 1), CV(ls.final_states[std::size_t(k)].view()));
+      if constexpr (halo > 0)
+        copy<T>(row_of(ds.tail[std::size_t(k)], b, Dims{halo, P}), CV(ls.final_halo[std::size_t(k)].view()).reshape(Dims{halo, P}));
+    }
+    index_t run = ds.since[std::size_t(b)];
+    for (index_t t = 0; t < len; ++t) run = std::min((starts && starts[t]) ? 1 : run + 1, halo);
+    ds.since[std::size_t(b)] = run;
+    Tensor<T, Mem> last(Dims{1, cfg_.vocab}, Tag::Activations);
+    copy<T>(last.view(), CV(lg.view()).reshape(Dims{len, cfg_.vocab}).slice(len - 1, len));
+    return last;
+  }
+
   // The epsilon of every RMSNorm (the blocks' and the final one), e.g. a checkpoint's
   // layer_norm_epsilon.
   void set_norm_eps(double eps) {
@@ -352,6 +484,36 @@ class Model {
     return total;
   }
 
+
+  void check_decode_state(const DecodeState<T, Mem>& ds, const char* what) const {
+    SSMX_REQUIRE(holds_all(), ValueError, what, ": this model holds layers [", kb_, ", ", ke_, ") of ", K,
+                 "; generation needs the whole model");
+    const index_t S = state_numel(Layer::state_dims());
+    SSMX_REQUIRE(ds.batch > 0 && index_t(ds.h.size()) == K && index_t(ds.tail.size()) == K &&
+                     index_t(ds.since.size()) == ds.batch,
+                 ValueError, what, ": the decode state is not one of this model's (make it with decode_state)");
+    for (index_t k = 0; k < K; ++k) {
+      check_dims(ds.h[std::size_t(k)].dims(), Dims{ds.batch, S}, "decode state");
+      if (halo > 0) check_dims(ds.tail[std::size_t(k)].dims(), Dims{ds.batch, halo, d_model}, "decode state window");
+    }
+  }
+  // Sequence b of a decode state as a state of its own, and back.
+  DecodeState<T, Mem> slice_state(const DecodeState<T, Mem>& ds, index_t b) const {
+    DecodeState<T, Mem> one = decode_state(1);
+    for (index_t k = 0; k < K; ++k) {
+      copy<T>(one.h[std::size_t(k)].view(), CV(ds.h[std::size_t(k)].view()).slice(b, b + 1));
+      if (halo > 0) copy<T>(one.tail[std::size_t(k)].view(), CV(ds.tail[std::size_t(k)].view()).slice(b, b + 1));
+    }
+    one.since[0] = ds.since[std::size_t(b)];
+    return one;
+  }
+  void put_state(DecodeState<T, Mem>& ds, index_t b, const DecodeState<T, Mem>& one) const {
+    for (index_t k = 0; k < K; ++k) {
+      copy<T>(ds.h[std::size_t(k)].view().slice(b, b + 1), CV(one.h[std::size_t(k)].view()));
+      if (halo > 0) copy<T>(ds.tail[std::size_t(k)].view().slice(b, b + 1), CV(one.tail[std::size_t(k)].view()));
+    }
+    ds.since[std::size_t(b)] = one.since[0];
+  }
 
   void check_batch(const Batch& batch) const {
     SSMX_REQUIRE(batch.inputs && batch.targets, ValueError, "batch: inputs and targets must not be null");

@@ -816,6 +816,92 @@ void forward_stretch(const Block<Layer>& blk, typename LayerTypes<Layer>::CV y_e
   }
 }
 
+// ---- the recurrent step (generation) ---------------------------------------------------------
+
+namespace detail {
+
+// One token for each of B independent sequences: the scan of length one, h_b <- a_b ⊙ h_b + b_b,
+// with the layer's own maps, so every ScanLayer can generate with nothing extra written.
+//   y_ext  [B·(halo + 1), d_model]: per sequence its last halo input rows, then its token's row
+//   H      [B, S]: the sequences' states, updated in place
+//   starts [B]: 1 where the token starts a document (its state is cut there); null: none
+//   since  [B]: tokens of each sequence before this one since its document start, capped at the
+//          halo (0 at a start): the window reaches no further back; null: nothing is cut
+//   y_out  [B, d_model] = y_in + readout(h, maps)
+// The norm and the features run once over all B·(halo + 1) rows, so a product reads its weight
+// once for the whole batch (the rows between two sequences' tokens are computed and not read);
+// decay, inject and readout run over the B tokens only. Work and memory per token do not
+// depend on how many tokens came before.
+template <class Layer>
+void step_stretch(const Block<Layer>& blk, typename LayerTypes<Layer>::CV y_ext,
+                  TensorView<typename Layer::value_type, LayerTypes<Layer>::space> H, const std::uint8_t* starts,
+                  const index_t* since, TensorView<typename Layer::value_type, LayerTypes<Layer>::space> y_out) {
+  using T = typename Layer::value_type;
+  using Ty = LayerTypes<Layer>;
+  using CV = typename Ty::CV;
+  using Tens = typename Ty::Tens;
+  constexpr Space space = Ty::space;
+  constexpr index_t halo = Ty::halo;
+  const Dims sd = Layer::state_dims();
+  const index_t S = state_numel(sd), B = H.extent(0), P = Layer::d_model, rows = B * (halo + 1);
+  SSMX_REQUIRE(H.dims() == (Dims{B, S}) && B > 0, ShapeError, "step: the states are ", H.dims(), ", expected [batch, ",
+               S, "]");
+  SSMX_REQUIRE(y_ext.dims() == (Dims{rows, P}), ShapeError, "step: the layer input is ", y_ext.dims(), ", expected [",
+               rows, ", ", P, "] (", halo, " halo rows and one token for each of ", B, " sequences)");
+  SSMX_REQUIRE(y_out.dims() == (Dims{B, P}), ShapeError, "step: the output is ", y_out.dims(), ", expected [", B,
+               ", ", P, "]");
+  // Output position j of the concatenated rows reads rows [j, j + halo]: sequence b's token is
+  // position b·(halo + 1). Its window is cut at a document start; the other positions' are not read.
+  const index_t n_all = rows - halo;
+  std::vector<std::uint8_t> starts_v;
+  std::vector<index_t> since_v;
+  Resets resets;
+  if (halo > 0 && since) {
+    starts_v.assign(std::size_t(n_all), 0);
+    since_v.assign(std::size_t(n_all), halo);
+    for (index_t b = 0; b < B; ++b) {
+      SSMX_REQUIRE(since[b] >= 0, ValueError, "step: since[", b, "] = ", since[b], " is negative");
+      starts_v[std::size_t(b * (halo + 1))] = starts && starts[b] ? 1 : 0;
+      since_v[std::size_t(b * (halo + 1))] = std::min(since[b], halo);
+    }
+    resets = Resets{starts_v.data(), since_v.data()};
+  }
+  Stretch<Layer> st;
+  prepare_stretch(blk, y_ext, CV(), st, resets);
+  // The B tokens' rows, compact: y_in and the maps' input.
+  auto gather = [&](CV src, index_t offset) {  // rows offset + b·(halo + 1) of src
+    Tens out(Dims{B, src.extent(1)}, Tag::Activations);
+    for (index_t b = 0; b < B; ++b) {
+      const index_t r = offset + b * (halo + 1);
+      copy<T>(out.view().slice(b, b + 1), src.slice(r, r + 1));
+    }
+    return out;
+  };
+  const Tens y_in = halo > 0 ? gather(y_ext, halo) : Tens();
+  const CV y_rows = halo > 0 ? CV(y_in.view()) : y_ext;
+  typename Ty::MapInput maps;
+  std::array<Tens, Ty::num_features> f_rows;
+  if constexpr (Ty::num_features == 0) {
+    maps = st.u_tokens();
+  } else {
+    for (std::size_t i = 0; i < Ty::num_features; ++i) {
+      if (halo > 0) f_rows[i] = gather(CV(st.f[i].view()), 0);
+      maps[i] = halo > 0 ? CV(f_rows[i].view()) : CV(st.f[i].view());
+    }
+  }
+  const Dims dom = with_tokens(B, sd);
+  Tens a(Dims{B, S}, Tag::Activations), h(Dims{B, S}, Tag::Activations);
+  assign(a.view().reshape(dom), broadcast_to(blk.mixer.decay(maps), dom));
+  assign(h.view().reshape(dom), blk.mixer.inject(maps));
+  if (starts)  // a document start: a = 0, the state before it is not read
+    for (index_t b = 0; b < B; ++b)
+      if (starts[b]) ssmx::detail::zero_bytes(a.data() + b * S, space, std::size_t(S) * sizeof(T));
+  assign(h.view(), leaf(CV(a.view())) * leaf(CV(H)) + leaf(CV(h.view())));
+  copy<T>(H, CV(h.view()));
+  assign(y_out, leaf(y_rows) + blk.mixer.readout(CV(h.view()).reshape(dom), maps));
+}
+}  // namespace detail
+
 // How the adjoint state δ of a stretch is formed from dL/dh (the readout's direct part).
 enum class DeltaMethod { exact, truncated, paper };
 
