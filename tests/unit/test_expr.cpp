@@ -203,6 +203,49 @@ TEST_CASE("expr: matrix products, transposed operands, and their VJPs") {
 #endif
 }
 
+TEST_CASE("expr: products of few rows and many columns in every operand layout") {
+  // The shapes of a generation step (1..8 rows against wide weights, read transposed or in
+  // place), of a short chunk (up to 256 rows, split by columns) and of a long one (rows).
+  for (index_t m : {1, 2, 5, 8, 9, 40, 300})
+    for (index_t n : {3, 257, 700})
+      for (index_t k : {1, 7, 64}) {
+        CAPTURE(m);
+        CAPTURE(n);
+        CAPTURE(k);
+        const Tensor<double> a = random_tensor(Dims{m, k}, 5), b = random_tensor(Dims{k, n}, 6),
+                             at = random_tensor(Dims{k, m}, 7), bt = random_tensor(Dims{n, k}, 8);
+        const Tensor<double> c0 = random_tensor(Dims{m, n}, 9);
+        auto as = test::to_space(a), bs = test::to_space(b), ats = test::to_space(at), bts = test::to_space(bt);
+        // A as given or transposed, B as given or transposed: every layout gemm reads in place.
+        const auto p00 = test::to_host(eval(matmul(as, bs)));
+        const auto p01 = test::to_host(eval(matmul(as, transpose(bts))));
+        const auto p10 = test::to_host(eval(matmul(transpose(ats), bs)));
+        const auto p11 = test::to_host(eval(matmul(transpose(ats), transpose(bts))));
+        // A column-major view of B itself (as the tied head reads the embedding).
+        const TensorView<const double, test::space> bcol(bts.data(), Dims{k, n}, {1, k, 0, 0});
+        const auto pcol = test::to_host(eval(matmul(as, bcol)));
+        // Accumulation into existing values (beta = 1).
+        auto acc = test::to_space(c0);
+        accumulate(acc.view(), matmul(as, transpose(bts)));
+        const auto pacc = test::to_host(acc);
+        double worst = 0;
+        for (index_t i = 0; i < m; ++i)
+          for (index_t j = 0; j < n; ++j) {
+            double r00 = 0, r01 = 0, r10 = 0, r11 = 0;
+            for (index_t q = 0; q < k; ++q) {
+              r00 += a(i, q) * b(q, j);
+              r01 += a(i, q) * bt(j, q);
+              r10 += at(q, i) * b(q, j);
+              r11 += at(q, i) * bt(j, q);
+            }
+            for (double e : {p00(i, j) - r00, p01(i, j) - r01, p10(i, j) - r10, p11(i, j) - r11, pcol(i, j) - r01,
+                             pacc(i, j) - (c0(i, j) + r01)})
+              worst = std::max(worst, std::abs(e));
+          }
+        CHECK(worst <= 1e-12 * double(k));
+      }
+}
+
 TEST_CASE("expr: softmax and log_softmax are stable and pass gradcheck") {
   Tensor<double> x = random_tensor(Dims{3, 6}, 8);
   x(1, 2) = 1000;  // would overflow exp without the max shift
@@ -301,20 +344,25 @@ TEST_CASE("expr: bf16 and half leaves compute in float") {
 }
 
 TEST_CASE("expr: host results do not depend on the thread count") {
-  Tensor<float> a(Dims{300, 200}), b(Dims{200, 150});
-  test::Rng r(3);
-  for (index_t i = 0; i < a.numel(); ++i) a[i] = float(r.normal());
-  for (index_t i = 0; i < b.numel(); ++i) b[i] = float(r.normal());
-  auto p1 = eval(matmul(a, b));
-  auto s1 = eval(sum(a));
+  // Row blocks (300 rows), column blocks (40 rows, 700 columns) and few rows (4).
+  for (index_t m : {300, 40, 4}) {
+    CAPTURE(m);
+    const index_t n = m == 300 ? 150 : 700;
+    Tensor<float> a(Dims{m, 200}), b(Dims{200, n});
+    test::Rng r(3);
+    for (index_t i = 0; i < a.numel(); ++i) a[i] = float(r.normal());
+    for (index_t i = 0; i < b.numel(); ++i) b[i] = float(r.normal());
+    auto p1 = eval(matmul(a, b));
+    auto s1 = eval(sum(a));
 #if defined(_OPENMP)
-  const int saved = omp_get_max_threads();
-  omp_set_num_threads(1);
-  auto p2 = eval(matmul(a, b));
-  auto s2 = eval(sum(a));
-  omp_set_num_threads(saved);
-  CHECK(std::memcmp(p1.data(), p2.data(), p1.bytes()) == 0);
-  CHECK(s1() == s2());
+    const int saved = omp_get_max_threads();
+    omp_set_num_threads(1);
+    auto p2 = eval(matmul(a, b));
+    auto s2 = eval(sum(a));
+    omp_set_num_threads(saved);
+    CHECK(std::memcmp(p1.data(), p2.data(), p1.bytes()) == 0);
+    CHECK(s1() == s2());
 #endif
+  }
 }
 #endif

@@ -451,11 +451,29 @@ TensorView<const typename E::value_type, S> materialize(const E& e, EvalContext<
   return t.view();
 }
 
+// An operand of gemm: as materialize, and a column-major leaf (e.g. a tied LM head, the
+// embedding read transposed through strides) is read in place too, which would otherwise
+// cost a copy of the whole matrix per product.
+template <Space S, class E>
+TensorView<const typename E::value_type, S> gemm_operand(const E& e, EvalContext<S>& ctx) {
+  using V = typename E::value_type;
+  auto column_major = [](const TensorView<const V, S>& v) {
+    return v.rank() == 2 && v.extent(0) > 1 && v.stride(0) == 1 && v.stride(1) == v.extent(0);
+  };
+  if constexpr (std::is_same_v<E, Leaf<V, S>>) {
+    if (column_major(e.view)) return e.view;
+  } else if constexpr (std::is_same_v<E, Transpose<Leaf<V, S>>>) {  // its transpose: row-major
+    const auto& v = e.child.view;
+    if (column_major(v)) return TensorView<const V, S>(v.data(), e.dims(), {v.stride(1), v.stride(0), 0, 0});
+  }
+  return materialize(e, ctx);
+}
+
 template <class L, class R, Space S>
 struct Evaluator<MatMul<L, R>, S> : ViewReader<typename L::value_type, typename L::value_type> {
   using V = typename L::value_type;
   static TensorView<const V, S> compute(const MatMul<L, R>& m, EvalContext<S>& ctx) {
-    TensorView<const V, S> a = materialize(m.lhs, ctx), b = materialize(m.rhs, ctx);
+    TensorView<const V, S> a = gemm_operand(m.lhs, ctx), b = gemm_operand(m.rhs, ctx);
     Tensor<V, S>& c = ctx.template temp<V>(m.dims());
     backend::Exec<S>::gemm(a, b, c.view(), V(0));
     return c.view();

@@ -107,25 +107,42 @@ struct Exec<Space::Host> {
   // changes the summation order. We split the rows into fixed blocks instead and run each
   // block inside our parallel region, where Eigen computes serially with the same
   // blocking whatever the number of threads: results are bit-identical for 1 or N threads.
+  // A product of at most gemm_row_block rows (a short chunk, a generation step) is split
+  // into fixed blocks of gemm_col_block columns instead, so that its threads share the
+  // columns (a step's head and projections have many columns and few rows). The split
+  // depends on the shapes alone: the same blocks, and the same bits, for any thread count.
   static constexpr index_t gemm_row_block = 256;
+  static constexpr index_t gemm_col_block = 256;
   static constexpr double serial_gemm_work = 65536;  // m·n·k; Eigen's own threshold is 100000
 
   template <class V>
   static void gemm(TensorView<const V, Space::Host> a, TensorView<const V, Space::Host> b,
                    TensorView<V, Space::Host> c, V beta) {
-    const index_t m = a.extent(0);
-    const index_t nblocks = (m + gemm_row_block - 1) / gemm_row_block;
-    auto run_block = [&](index_t blk) {
-      const index_t r0 = blk * gemm_row_block, r1 = std::min(m, r0 + gemm_row_block);
-      auto C = as_eigen(c.slice(r0, r1));
-      with_matrix(a.slice(r0, r1), [&](const auto& A) {
-        with_matrix(b, [&](const auto& B) {
+    const index_t m = a.extent(0), n = b.extent(1);
+    const bool by_columns = m <= gemm_row_block && n > gemm_col_block;
+    const index_t nblocks = by_columns ? (n + gemm_col_block - 1) / gemm_col_block
+                                       : (m + gemm_row_block - 1) / gemm_row_block;
+    auto product = [&](TensorView<const V, Space::Host> ab, TensorView<const V, Space::Host> bb,
+                       TensorView<V, Space::Host> cb) {
+      if (few_rows_product(ab, bb, cb, beta)) return;
+      auto C = as_eigen(cb);
+      with_matrix(ab, [&](const auto& A) {
+        with_matrix(bb, [&](const auto& B) {
           if (beta == V(0))
             C.noalias() = A * B;
           else
             C = beta * C + A * B;
         });
       });
+    };
+    auto run_block = [&](index_t blk) {
+      if (by_columns) {
+        const index_t c0 = blk * gemm_col_block, c1 = std::min(n, c0 + gemm_col_block);
+        product(a, b.slice(1, c0, c1), c.slice(1, c0, c1));
+      } else {
+        const index_t r0 = blk * gemm_row_block, r1 = std::min(m, r0 + gemm_row_block);
+        product(a.slice(r0, r1), b, c.slice(r0, r1));
+      }
     };
 #if defined(_OPENMP)
     // Small products run serially: a thread team costs more than the work. Below this size
@@ -164,6 +181,43 @@ struct Exec<Space::Host> {
   }
 
  private:
+  // C = A B (+ beta C) for 2..gemm_few_rows rows of A (a generation step over a few
+  // sequences and their window rows, a short chunk), without Eigen's GEMM, which packs the
+  // whole of B for every product: with B column-contiguous (a transposed weight, the tied
+  // head) each column meets the rows of A, kept in cache, as dot products; with B
+  // row-contiguous each row of B is added into the rows of C it scales. B is read once.
+  // False when the operands have neither layout (or one row: Eigen's own GEMV is that).
+  static constexpr index_t gemm_few_rows = 8;
+  template <class V>
+  static bool few_rows_product(TensorView<const V, Space::Host> a, TensorView<const V, Space::Host> b,
+                               TensorView<V, Space::Host> c, V beta) {
+    const index_t m = a.extent(0), k = a.extent(1), n = b.extent(1);
+    if (m < 2 || m > gemm_few_rows || k < 2 || n < 2) return false;
+    using Vec = Eigen::Map<const Eigen::Matrix<V, Eigen::Dynamic, 1>>;
+    auto C = as_eigen(c);
+    if (a.stride(1) == 1 && b.stride(0) == 1) {  // rows of A . columns of B
+      for (index_t j = 0; j < n; ++j) {
+        const Vec bj(b.data() + j * b.stride(1), k);
+        for (index_t i = 0; i < m; ++i) {
+          const V d = Vec(a.data() + i * a.stride(0), k).dot(bj);
+          C(i, j) = beta == V(0) ? d : beta * C(i, j) + d;
+        }
+      }
+      return true;
+    }
+    if (b.stride(1) == 1) {  // C[i, :] += A[i, kk] B[kk, :]
+      if (beta == V(0))
+        C.setZero();
+      else
+        C *= beta;
+      const auto B = as_eigen(b);
+      for (index_t kk = 0; kk < k; ++kk)
+        for (index_t i = 0; i < m; ++i) C.row(i) += a.data()[i * a.stride(0) + kk * a.stride(1)] * B.row(kk);
+      return true;
+    }
+    return false;
+  }
+
   // Calls f with an Eigen expression for a row-major or transposed-contiguous rank-2 view.
   template <class V, class F>
   static void with_matrix(TensorView<const V, Space::Host> v, F&& f) {
