@@ -299,6 +299,22 @@ class Mamba(nn.Module):
         return F.linear(y * F.silu(z), self.out_proj.weight)
 
 
+    def step(self, u, conv, h):
+        """One token per sequence: u [B, D]; conv [B, E, W-1] (the last W-1 inputs of the
+        convolution) and h [B, E, N] are updated in place. mamba_ssm's step, in eager PyTorch."""
+        E, N, R, W = self.E, self.N, self.R, self.W
+        x, z = F.linear(u, self.in_proj.weight).split([E, E], dim=-1)
+        window = torch.cat([conv, x.unsqueeze(-1)], dim=-1)  # [B, E, W]
+        conv.copy_(window[:, :, 1:])
+        x = F.silu(torch.einsum("bew,ew->be", window, self.conv1d.weight[:, 0, :]) + self.conv1d.bias)
+        d, Bm, C = F.linear(x, self.x_proj.weight).split([R, N, N], dim=-1)
+        dt = softplus(F.linear(d, self.dt_proj.weight, self.dt_proj.bias))
+        A = -torch.exp(self.A_log)
+        h.mul_(torch.exp(dt.unsqueeze(-1) * A)).add_((dt * x).unsqueeze(-1) * Bm.unsqueeze(1))
+        y = torch.bmm(h, C.unsqueeze(-1)).squeeze(-1) + self.D * x
+        return F.linear(y * F.silu(z), self.out_proj.weight)
+
+
 class Block(nn.Module):
     def __init__(self, D, mixer, dtype):
         super().__init__()
@@ -335,13 +351,27 @@ class Model(nn.Module):
             b.mixer.init_(gen)
         return self
 
-    def forward(self, inputs, targets):
-        """Summed cross-entropy of one sequence (inputs, targets: [T] int64)."""
+    def logits(self, inputs):
         y = self.embedding.weight[inputs]
         for b in self.layers:
             y = b(y)
-        logits = rms_norm(y, self.norm_f.weight) @ self.embedding.weight.t()
-        return F.cross_entropy(logits, targets, ignore_index=-1, reduction="sum")
+        return rms_norm(y, self.norm_f.weight) @ self.embedding.weight.t()
+
+    def forward(self, inputs, targets):
+        """Summed cross-entropy of one sequence (inputs, targets: [T] int64)."""
+        return F.cross_entropy(self.logits(inputs), targets, ignore_index=-1, reduction="sum")
+
+    def decode_state(self, B):
+        m = self.layers[0].mixer
+        w = self.embedding.weight
+        return [(w.new_zeros(B, m.E, m.W - 1), w.new_zeros(B, m.E, m.N)) for _ in self.layers]
+
+    def step(self, tokens, states):
+        """Logits [B, vocab] of the next token from one token per sequence (tokens [B])."""
+        y = self.embedding.weight[tokens]
+        for b, (conv, h) in zip(self.layers, states):
+            y = y + b.mixer.step(b.norm(y), conv, h)
+        return rms_norm(y, self.norm_f.weight) @ self.embedding.weight.t()
 
 
 # ---- which BLAS -------------------------------------------------------------------------------
@@ -440,6 +470,39 @@ def bench(args):
         if out:
             out.write(s + "\n")
             out.flush()
+
+
+def bench_generate(args):
+    """Tokens/s of the recurrent step for each --batch: every sequence steps through the
+    shared token stream, --prompt tokens untimed, then --gen-tokens timed (the first a
+    warm-up), as bench_generate does."""
+    torch.set_num_threads(args.threads)
+    blas = blas_in_use(args.threads)
+    out = open(args.out, "w") if args.out else None
+    model = Model(args.D, args.N, args.expand, args.W, args.R, args.K, args.vocab, torch.float32).init_(args.seed)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    x, _ = tokens(args.prompt + args.gen_tokens, args.vocab)
+    with torch.no_grad():
+        for B in args.batch:
+            states = model.decode_state(B)
+            for t in range(args.prompt + 1):
+                model.step(x[t].expand(B), states)
+            t0 = time.perf_counter()
+            for t in range(args.prompt + 1, args.prompt + args.gen_tokens):
+                model.step(x[t].expand(B), states)
+            s = time.perf_counter() - t0
+            steps = args.gen_tokens - 1
+            line = {"name": "pytorch_mamba_generate", "batch": B, "prompt": args.prompt, "tokens": args.gen_tokens,
+                    "D": args.D, "N": args.N, "expand": args.expand, "W": args.W, "R": args.R, "K": args.K,
+                    "vocab": args.vocab, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "blas": blas["blas"], "blas_threads": blas.get("blas_threads"), "seconds": s,
+                    "tokens_per_s": B * steps / s, "ms_per_step": 1e3 * s / steps, "weight_bytes": weight_bytes,
+                    "weight_gb_per_s": weight_bytes * steps / s / 1e9,
+                    "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            print(json.dumps(line), flush=True)
+            if out:
+                out.write(json.dumps(line) + "\n")
+                out.flush()
 
 
 # ---- self-test ------------------------------------------------------------------------------
@@ -547,6 +610,16 @@ def selftest(args):
             if scan != "sequential":
                 what = f"{scan} chunk {chunk}" + (f" tile {tile}" if tile else "") + (", strong decay" if strong else "")
                 ok &= _compare(what, ref, got, tol)
+    # The recurrent step against the parallel forward's logits at every position.
+    m = Model(**shape).init_(args.seed)
+    xs = torch.stack([x, (x * 3 + 1) % shape["vocab"]])  # two sequences
+    with torch.no_grad():
+        want = torch.stack([m.logits(xs[0]), m.logits(xs[1])], dim=1)  # [T, 2, V]
+        states = m.decode_state(2)
+        got = torch.stack([m.step(xs[:, t], states) for t in range(T)])
+    err = _rel_err(got, want)
+    print(f"{'ok  ' if err <= tol else 'FAIL'} recurrent step vs parallel logits: max rel err {err:.2e}")
+    ok &= err <= tol
     fixture = args.fixture or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests", "data",
                                            "mamba_tiny")
     if os.path.isdir(fixture):
@@ -589,6 +662,10 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", help="cpu, or cuda")
     p.add_argument("--compile", action="store_true", help="time torch.compile(model) instead of eager")
     p.add_argument("--out")
+    p.add_argument("--generate", action="store_true", help="time the recurrent step (generation) instead")
+    p.add_argument("--batch", type=counts, default=counts("1,8"), help="with --generate: sequences stepped together")
+    p.add_argument("--prompt", type=int, default=64, help="with --generate: untimed tokens stepped first")
+    p.add_argument("--gen-tokens", type=int, default=128, help="with --generate: timed tokens (the first a warm-up)")
     p.add_argument("--selftest", action="store_true",
                    help="check the chunked scan against the sequential recurrence (float64) and the fixture")
     p.add_argument("--fixture", help="with --selftest: the tests/data/mamba_tiny directory (default: found "
@@ -596,6 +673,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.selftest:
         return selftest(args)
+    if args.generate:
+        bench_generate(args)
+        return 0
     bench(args)
     return 0
 

@@ -92,8 +92,8 @@ struct DecodeState {
   std::vector<index_t> since;       // [B]
   std::size_t bytes() const {
     std::size_t n = 0;
-    for (const auto& t : h) n += t.nbytes();
-    for (const auto& t : tail) n += t.nbytes();
+    for (const auto& t : h) n += t.bytes();
+    for (const auto& t : tail) n += t.bytes();
     return n;
   }
 };
