@@ -16,21 +16,21 @@ using namespace ssmx;
 using nn::token_t;
 using test::space;
 
-using Diagonal = nn::DiagonalSSM<double, 8, 4>;
-using MambaSmall = nn::Mamba<double, 8, 4, 2, 4, 2>;  // a window of 4 tokens: a halo of 3
-using Gated = GatedSSM<double, 8, 3>;                 // examples/custom_layer.hpp
-constexpr index_t vocab = 13;
+using GenDiagonal = nn::DiagonalSSM<double, 8, 4>;
+using GenMamba = nn::Mamba<double, 8, 4, 2, 4, 2>;  // a window of 4 tokens: a halo of 3
+using GenGated = GatedSSM<double, 8, 3>;              // examples/custom_layer.hpp
+constexpr index_t gen_vocab = 13;
 
 template <class Layer>
-using LM = nn::Model<Layer, 2, space>;
+using GenLM = nn::Model<Layer, 2, space>;
 
 template <class Layer>
-LM<Layer> make_model(bool tied = true) {
+GenLM<Layer> gen_model(bool tied = true) {
   nn::ModelConfig c;
-  c.vocab = vocab;
+  c.vocab = gen_vocab;
   c.seed = 23;
   c.tie_embeddings = tied;
-  LM<Layer> m(c);
+  GenLM<Layer> m(c);
   // Larger than the initialisation so that every logit depends visibly on the state.
   test::Rng rng(4);
   for (auto* p : m.parameters()) {
@@ -42,20 +42,20 @@ LM<Layer> make_model(bool tied = true) {
   return m;
 }
 
-struct Tokens {
+struct GenTokens {
   index_t B, T;
   std::vector<token_t> x;
   std::vector<std::uint8_t> starts;
-  Tokens(index_t b, index_t t, std::uint64_t seed = 3) : B(b), T(t), x(std::size_t(b * t)), starts(x.size(), 0) {
+  GenTokens(index_t b, index_t t, std::uint64_t seed = 3) : B(b), T(t), x(std::size_t(b * t)), starts(x.size(), 0) {
     test::Rng rng(seed);
-    for (auto& v : x) v = token_t(rng.integer(0, vocab - 1));
+    for (auto& v : x) v = token_t(rng.integer(0, gen_vocab - 1));
   }
   token_t at(index_t b, index_t t) const { return x[std::size_t(b * T + t)]; }
 };
 
 // The parallel forward's logits, [B, T, vocab], on the host.
 template <class M>
-Tensor<double> parallel_logits(M& m, const Tokens& tk, bool packed, index_t chunk = 1024) {
+Tensor<double> gen_parallel_logits(M& m, const GenTokens& tk, bool packed, index_t chunk = 1024) {
   nn::Batch b{tk.x.data(), nullptr, tk.B, tk.T, packed ? tk.starts.data() : nullptr};
   std::vector<token_t> none(tk.x.size(), -1);
   b.targets = none.data();
@@ -63,20 +63,20 @@ Tensor<double> parallel_logits(M& m, const Tokens& tk, bool packed, index_t chun
 }
 
 // Step logits [B, vocab] against the parallel ones at position t.
-double step_error(const Tensor<double>& step, const Tensor<double>& par, index_t t, index_t T) {
+double gen_step_error(const Tensor<double>& step, const Tensor<double>& par, index_t t, index_t T) {
   std::vector<double> a, b;
   for (index_t s = 0; s < step.extent(0); ++s)
-    for (index_t v = 0; v < vocab; ++v) {
+    for (index_t v = 0; v < gen_vocab; ++v) {
       a.push_back(step(s, v));
-      b.push_back(par[(s * T + t) * vocab + v]);
+      b.push_back(par[(s * T + t) * gen_vocab + v]);
     }
   return test::max_rel_err(a, b, 1e-9);
 }
 
 // Stepping every sequence from its first token, [B] tokens a step, against the parallel forward.
 template <class M>
-double step_all(M& m, const Tokens& tk, bool packed) {
-  const Tensor<double> par = parallel_logits(m, tk, packed);
+double gen_step_all(M& m, const GenTokens& tk, bool packed) {
+  const Tensor<double> par = gen_parallel_logits(m, tk, packed);
   auto ds = m.decode_state(tk.B);
   double worst = 0;
   std::vector<token_t> col(std::size_t(tk.B));
@@ -87,7 +87,7 @@ double step_all(M& m, const Tokens& tk, bool packed) {
       st[std::size_t(b)] = tk.starts[std::size_t(b * tk.T + t)];
     }
     const Tensor<double> lg = test::to_host(m.step(col.data(), ds, packed ? st.data() : nullptr));
-    worst = std::max(worst, step_error(lg, par, t, tk.T));
+    worst = std::max(worst, gen_step_error(lg, par, t, tk.T));
   }
   return worst;
 }
@@ -95,38 +95,38 @@ double step_all(M& m, const Tokens& tk, bool packed) {
 
 using namespace test_generate;
 
-TEST_CASE_TEMPLATE("generate: step logits equal the parallel forward at every position", Layer, Diagonal,
-                   MambaSmall, Gated) {
+TEST_CASE_TEMPLATE("generate: step logits equal the parallel forward at every position", Layer, GenDiagonal,
+                   GenMamba, GenGated) {
   for (bool tied : {true, false}) {
     CAPTURE(tied);
-    auto m = make_model<Layer>(tied);
-    const Tokens tk(3, 29);
-    CHECK(step_all(m, tk, false) <= 1e-10);
+    auto m = gen_model<Layer>(tied);
+    const GenTokens tk(3, 29);
+    CHECK(gen_step_all(m, tk, false) <= 1e-10);
   }
 }
 
-TEST_CASE_TEMPLATE("generate: step cuts state and window at packed document starts", Layer, Diagonal, MambaSmall,
-                   Gated) {
-  auto m = make_model<Layer>();
-  Tokens tk(3, 31);
+TEST_CASE_TEMPLATE("generate: step cuts state and window at packed document starts", Layer, GenDiagonal, GenMamba,
+                   GenGated) {
+  auto m = gen_model<Layer>();
+  GenTokens tk(3, 31);
   // Starts at different places per sequence, two within one window's reach of each other.
   for (index_t t : {0, 5, 7, 20}) tk.starts[std::size_t(0 * tk.T + t)] = 1;
   for (index_t t : {0, 1, 2, 17}) tk.starts[std::size_t(1 * tk.T + t)] = 1;
   for (index_t t : {3, 29}) tk.starts[std::size_t(2 * tk.T + t)] = 1;
-  CHECK(step_all(m, tk, true) <= 1e-10);
+  CHECK(gen_step_all(m, tk, true) <= 1e-10);
   // The starts matter: without them the logits differ.
-  const Tensor<double> packed = parallel_logits(m, tk, true), plain = parallel_logits(m, tk, false);
+  const Tensor<double> packed = gen_parallel_logits(m, tk, true), plain = gen_parallel_logits(m, tk, false);
   CHECK(test::max_rel_err(to_vector(packed), to_vector(plain)) > 1e-3);
 }
 
-TEST_CASE_TEMPLATE("generate: prefill over several chunks then step equals the parallel forward", Layer, Diagonal,
-                   MambaSmall, Gated) {
-  auto m = make_model<Layer>();
-  Tokens tk(2, 40);
+TEST_CASE_TEMPLATE("generate: prefill over several chunks then step equals the parallel forward", Layer, GenDiagonal,
+                   GenMamba, GenGated) {
+  auto m = gen_model<Layer>();
+  GenTokens tk(2, 40);
   tk.starts[std::size_t(0 * tk.T + 0)] = 1;
   tk.starts[std::size_t(0 * tk.T + 21)] = 1;  // a document starts one token before the second prefill
   tk.starts[std::size_t(1 * tk.T + 12)] = 1;
-  const Tensor<double> par = parallel_logits(m, tk, true);
+  const Tensor<double> par = gen_parallel_logits(m, tk, true);
   auto ds = m.decode_state(tk.B);
   // Sequence b: tokens [0, 22) in one prefill of chunks of 5, [22, 30) in a second one, the
   // rest stepped (sequence 1 with its rows prefilled in the opposite order of calls).
@@ -136,15 +136,15 @@ TEST_CASE_TEMPLATE("generate: prefill over several chunks then step equals the p
     const Tensor<double> l1 = test::to_host(m.prefill(x, 22, ds, b, 5, s));
     const Tensor<double> l2 = test::to_host(m.prefill(x + 22, 8, ds, b, 5, s + 22));
     std::vector<double> got, want;
-    for (index_t v = 0; v < vocab; ++v) {
+    for (index_t v = 0; v < gen_vocab; ++v) {
       got.push_back(l1[v]);
-      want.push_back(par[(b * tk.T + 21) * vocab + v]);
+      want.push_back(par[(b * tk.T + 21) * gen_vocab + v]);
     }
     CHECK(test::max_rel_err(got, want, 1e-9) <= 1e-10);
     got.clear(), want.clear();
-    for (index_t v = 0; v < vocab; ++v) {
+    for (index_t v = 0; v < gen_vocab; ++v) {
       got.push_back(l2[v]);
-      want.push_back(par[(b * tk.T + 29) * vocab + v]);
+      want.push_back(par[(b * tk.T + 29) * gen_vocab + v]);
     }
     CHECK(test::max_rel_err(got, want, 1e-9) <= 1e-10);
   }
@@ -155,16 +155,16 @@ TEST_CASE_TEMPLATE("generate: prefill over several chunks then step equals the p
       col[std::size_t(b)] = tk.at(b, t);
       st[std::size_t(b)] = tk.starts[std::size_t(b * tk.T + t)];
     }
-    CHECK(step_error(test::to_host(m.step(col.data(), ds, st.data())), par, t, tk.T) <= 1e-10);
+    CHECK(gen_step_error(test::to_host(m.step(col.data(), ds, st.data())), par, t, tk.T) <= 1e-10);
   }
 }
 
 TEST_CASE("generate: bad tokens and foreign decode states are named") {
-  auto m = make_model<MambaSmall>();
+  auto m = gen_model<GenMamba>();
   auto ds = m.decode_state(2);
-  const token_t bad[2] = {1, token_t(vocab)};
+  const token_t bad[2] = {1, token_t(gen_vocab)};
   CHECK_THROWS_WITH_AS(m.step(bad, ds), doctest::Contains("tokens[1] = 13 is outside the vocabulary"), ValueError);
-  auto other = make_model<Diagonal>().decode_state(2);
+  auto other = gen_model<GenDiagonal>().decode_state(2);
   (void)other;
   nn::DecodeState<double, space> empty;
   const token_t ok[2] = {1, 2};
@@ -174,7 +174,7 @@ TEST_CASE("generate: bad tokens and foreign decode states are named") {
 }
 
 TEST_CASE("generate: memory per token is constant") {
-  auto m = make_model<MambaSmall>();
+  auto m = gen_model<GenMamba>();
   auto ds = m.decode_state(2);
   std::vector<token_t> tok{1, 2};
   auto run = [&](index_t n) {
@@ -182,7 +182,7 @@ TEST_CASE("generate: memory per token is constant") {
     const std::size_t before = memory_stats(space).current;
     for (index_t i = 0; i < n; ++i) {
       const Tensor<double> lg = test::to_host(m.step(tok.data(), ds));
-      tok[0] = token_t((tok[0] + 1) % vocab);
+      tok[0] = token_t((tok[0] + 1) % gen_vocab);
       tok[1] = token_t(lg(1, 0) > lg(1, 1) ? 3 : 4);
     }
     return memory_stats(space).peak - before;
@@ -201,8 +201,8 @@ TEST_CASE("generate: memory per token is constant") {
 }
 
 TEST_CASE("generate: streamed evaluation equals one long forward") {
-  auto m = make_model<MambaSmall>();
-  const Tokens tk(1, 300, 8);
+  auto m = gen_model<GenMamba>();
+  const GenTokens tk(1, 300, 8);
   nn::Batch whole{tk.x.data(), tk.x.data() + 1, 1, tk.T - 1, nullptr};
   const nn::StepResult ref = m.evaluate(whole, 64);
   for (index_t window : {1, 7, 64, 299, 1000}) {
