@@ -64,6 +64,10 @@
 #                 fails naming both values and changes nothing.
 #   dist-expect-error RANKS REGEX ARGS...
 #                 as expect-error, under mpiexec with RANKS ranks.
+#   dist-layer-eval -- GENERATE
+#                 --eval-data under --dist layer (the ranks evaluate each window together)
+#                 gives one process's loss; GENERATE --run reads the run's checkpoint parts
+#                 and continues a prompt as it does from the one-process run.
 set -euo pipefail
 mode=$1 train=$2 work=$3 src=$4
 shift 4
@@ -580,6 +584,28 @@ PY
     [ $rc -ne 0 ] && grep -q -- '--dist "sequence" differs from the value the run was started with, "data"' M4.log ||
       fail "--dist mismatch not reported"
     [ "$(sum M)" = "$before" ] || fail "a failed resume changed files"
+    echo "PASS"
+    ;;
+  dist-layer-eval)
+    gen=$1
+    head -c 3000 "$src/README.md" > eval.txt
+    flags=(--model mamba-tiny --data "text:$src/README.md" --context 32 --batch 2 --steps 3 --eval-every 0
+           --checkpoint-every 0 --eval-data text:eval.txt --eval-window 50 --chunk 8)
+    "$train" --out S "${flags[@]}" > S.log 2>&1 || { cat S.log; fail "run S (one process) failed"; }
+    np 2 --dist layer --out L "${flags[@]}" > L.log 2>&1 || { cat L.log; fail "run L (2 ranks) failed"; }
+    cat L.log
+    [ -f L/checkpoints/step_00000003.rank-1-of-2.safetensors ] || fail "--dist layer wrote no part for rank 1"
+    python3 - S/summary.json L/summary.json << 'PY' || fail "--eval-data under --dist layer differs from one process"
+import json, sys
+s, l = (json.load(open(p))["eval_data"] for p in sys.argv[1:])
+assert s["tokens"] == l["tokens"] == 2999, (s, l)
+rel = abs(s["loss"] - l["loss"]) / s["loss"]
+assert rel <= 1e-5, "one process %.9g, 2 ranks %.9g" % (s["loss"], l["loss"])
+print("eval data: one process %.9g, --dist layer %.9g (relative %.2e)" % (s["loss"], l["loss"], rel))
+PY
+    one=$("$gen" --run S --prompt "The " --max-tokens 16 --temperature 0 --ids 2> gen.err) || { cat gen.err; fail "generate --run S failed"; }
+    two=$("$gen" --run L --prompt "The " --max-tokens 16 --temperature 0 --ids 2> gen.err) || { cat gen.err; fail "generate --run L failed"; }
+    [ "$one" = "$two" ] || fail "generate from the --dist layer run: $two; from one process: $one"
     echo "PASS"
     ;;
   dist-expect-error)
