@@ -113,6 +113,9 @@ struct Config {
   std::int64_t steps = 300, warmup = 20, seed = 1;
   // evaluation, logging, checkpoints
   std::int64_t eval_every = 100, eval_sequences = 16, eval_tokens = 65536;
+  std::string eval_data;  // empty: none
+  std::int64_t eval_window = 4096;
+  std::int64_t sample_every = 0, sample_tokens = 64;
   std::int64_t log_every = 1, print_every = 10, checkpoint_every = 100;
   // this invocation only
   std::string out, checkpoint_dir, device = "auto";
@@ -171,6 +174,21 @@ struct Config {
         {"eval-every", &eval_every, mc, "evaluate on held-out data every N steps (0: only at the end)", nonneg},
         {"eval-sequences", &eval_sequences, mc, "recall: fresh sequences per evaluation", positive},
         {"eval-tokens", &eval_tokens, mc, "tokens/text: at most this many held-out tokens per evaluation", positive},
+        {"eval-data", &eval_data, mc,
+         "text:PATH | tokens:PATH: loss, perplexity and bits per byte over the whole file as one sequence (its "
+         "documents not split), at the end and at every evaluation when it holds at most --eval-tokens tokens "
+         "(empty: none)",
+         Limit{}, ""},
+        {"eval-window", &eval_window, mc,
+         "tokens per window of --eval-data, the state carried from one to the next (the result does not depend "
+         "on it, to rounding; memory does)",
+         positive, 4096},
+        {"sample-every", &sample_every, mc,
+         "every N steps and at the end, sample --sample-tokens tokens (temperature 1, seeded by --seed) after the "
+         "first 32 tokens of the held-out data (of the training data when none is held out; recall: of the first "
+         "held-out sequence), print it and append it to samples.jsonl (0: off)",
+         nonneg, 0},
+        {"sample-tokens", &sample_tokens, mc, "tokens per sample of --sample-every", positive, 64},
         {"log-every", &log_every, mc, "write a metrics line every N steps", positive},
         {"print-every", &print_every, mc, "print a progress line every N steps when stdout is not a terminal",
          positive},

@@ -6,6 +6,7 @@
 //   tokens:PATH   an llm.c token file, split into documents at --eot (which begins each one).
 //   text:PATH     the bytes of any file (vocab 256), cut into --batch equal streams, so that
 //                 every row reads one long stream with its state carried from step to step.
+//   --eval-data   (EvalFile) bytes or a token file evaluated whole, as one sequence.
 //
 // For tokens and text the last --val-fraction of the tokens is held out; the rest is packed
 // into [batch, context] steps by data::Packer, whose cursor (state()) is saved with each
@@ -82,6 +83,60 @@ inline std::uint64_t stream_seed(std::uint64_t seed, std::uint64_t stream, std::
   return mix(mix(mix(seed) ^ stream) + step);
 }
 
+// ---- whole-file evaluation --------------------------------------------------------------------
+
+// --eval-data text:PATH (bytes, tokens 0..255) or tokens:PATH (an llm.c token file), read a
+// range at a time. Opened and checked whole at the start (every token below the model's
+// vocabulary, at least 2 tokens), so that the evaluation at the end cannot fail on the data.
+class EvalFile {
+ public:
+  EvalFile(const std::string& spec, index_t vocab) : spec_(spec) {
+    const auto colon = spec.find(':');
+    const std::string kind = colon == std::string::npos ? "" : spec.substr(0, colon);
+    path_ = colon == std::string::npos ? "" : spec.substr(colon + 1);
+    SSMX_REQUIRE((kind == "tokens" || kind == "text") && !path_.empty(), ssmx::ValueError, "--eval-data '", spec,
+                 "': expected tokens:PATH or text:PATH");
+    bytes_ = kind == "text";
+    if (bytes_) {
+      bytes_file_.open(path_, "byte file");
+      size_ = bytes_file_.size();
+    } else {
+      tokens_file_.open(path_);
+      size_ = tokens_file_.size();
+    }
+    const std::string what = std::string(bytes_ ? "byte file '" : "token file '") + path_ + "' (--eval-data)";
+    SSMX_REQUIRE(size_ >= 2, ssmx::ValueError, what, ": ", size_, " token(s) hold no prediction; need at least 2");
+    constexpr index_t block = index_t(1) << 20;
+    std::vector<token_t> buf(std::size_t(std::min(size_, block)));
+    for (index_t begin = 0; begin < size_; begin += block) {
+      const index_t m = std::min(block, size_ - begin);
+      read(begin, m, buf.data());
+      ssmx::data::check_tokens_below(buf.data(), m, vocab, what + " (the model's vocabulary)", begin);
+    }
+  }
+
+  const std::string& spec() const { return spec_; }
+  bool bytes() const { return bytes_; }
+  index_t size() const { return size_; }
+
+  // Tokens [begin, begin + n) into out.
+  void read(index_t begin, index_t n, token_t* out) {
+    if (!bytes_) return tokens_file_.read(begin, n, out);
+    buf_.resize(std::size_t(n));
+    std::string why;
+    SSMX_REQUIRE(bytes_file_.read(begin, buf_.data(), n, why), ssmx::IOError, "byte file '", path_, "': ", why);
+    for (index_t i = 0; i < n; ++i) out[i] = token_t(buf_[std::size_t(i)]);
+  }
+
+ private:
+  std::string spec_, path_;
+  bool bytes_ = false;
+  index_t size_ = 0;
+  ssmx::data::detail::ReadOnlyFile bytes_file_;
+  ssmx::data::TokenFile tokens_file_;
+  std::vector<unsigned char> buf_;
+};
+
 class Data {
  public:
   // Reads and checks the data of `c` (throws naming the file and what is wrong); sets
@@ -97,6 +152,20 @@ class Data {
     SSMX_REQUIRE((kind == "tokens" || kind == "text") && !path.empty(), ssmx::ValueError, "--data '", c.data,
                  "': expected recall, tokens:PATH or text:PATH");
     open_packed(c, kind, path);
+  }
+
+  // Opens --eval-data once the vocabulary is known (after the constructor).
+  void open_eval_file(const Config& c) {
+    if (!c.eval_data.empty()) eval_file_.emplace(c.eval_data, vocab_);
+  }
+  EvalFile* eval_file() { return eval_file_ ? &*eval_file_ : nullptr; }
+
+  // The prompt of --sample-every: the first n tokens of the held-out data (of the training
+  // data when none is held out; recall: of the first held-out sequence), fewer if it is shorter.
+  std::vector<token_t> prompt(index_t n) const {
+    const std::vector<token_t>& from = recall_ ? eval_inputs_ : head_;
+    if (recall_) n = std::min(n, context_);
+    return std::vector<token_t>(from.begin(), from.begin() + std::min<std::ptrdiff_t>(n, std::ptrdiff_t(from.size())));
   }
 
   index_t vocab() const { return vocab_; }
@@ -240,6 +309,8 @@ class Data {
                  " training tokens after the held-out part; need at least 2");
     std::vector<token_t> val(tokens.end() - n_val, tokens.end());
     tokens.resize(std::size_t(n - n_val));
+    const std::vector<token_t>& first = n_val > 0 ? val : tokens;
+    head_.assign(first.begin(), first.begin() + std::min<std::ptrdiff_t>(max_prompt, std::ptrdiff_t(first.size())));
 
     // Documents: at --eot for token files; for text, --batch equal streams.
     auto documents = [&](const std::vector<token_t>& t) {
@@ -278,6 +349,9 @@ class Data {
   std::string val_start_;
   index_t eval_budget_ = 0;
   ssmx::data::PackedBatch packed_;
+  static constexpr std::ptrdiff_t max_prompt = 256;
+  std::vector<token_t> head_;  // the first tokens of the held-out data, for prompt()
+  std::optional<EvalFile> eval_file_;
 };
 
 }  // namespace train

@@ -15,6 +15,10 @@
 //              (ssmx/dist/sequence_parallel.hpp; the adjoint strategy only). Evaluation:
 //              dist::sequence_parallel_evaluate.
 //
+// --eval-data: under layer the ranks evaluate each window together; under the others every
+// rank evaluates the whole file by itself (Group::evaluate_stream). --sample-every: rank 0
+// alone generates, which needs the whole model (not under layer).
+//
 // Each scheme takes the steps of the one-process run up to the rounding of sums taken in
 // another order.
 //
@@ -304,6 +308,34 @@ class Group {
     nn::StepResult r = data.evaluate<T>(eval, rank_, size_);
     sum(r);
     return r;
+  }
+
+  // Loss over n tokens delivered by read(begin, count, out), as one sequence in windows of
+  // `window` predictions with the state carried (nn::evaluate_stream), the same on every
+  // rank. Every scheme but layer holds the whole model on each rank, which evaluates alone
+  // (no rank waits for another); under layer the ranks run each window together.
+  template <class LM, class Read>
+  nn::HeldOut evaluate_stream(LM& model, index_t n, Read&& read, index_t window, index_t chunk) {
+#if SSMX_TRAIN_MPI
+    if (scheme_ == Scheme::layer) {
+      nn::LayerStates<typename LM::T> states;
+      std::vector<token_t> buf(std::size_t(std::min(window, n - 1) + 1));
+      nn::HeldOut r;
+      for (index_t i = 0; i + 1 < n; i += window) {
+        const index_t w = std::min(window, n - 1 - i);
+        read(i, w + 1, buf.data());
+        const nn::StepResult s =
+            ssmx::dist::layer_parallel_evaluate(model, *comm_, nn::Batch{buf.data(), buf.data() + 1, 1, w, nullptr}, &states);
+        r.loss += s.loss;
+        r.tokens += s.tokens;
+        r.correct += s.correct;
+        states.initial = std::move(states.final_states);
+        states.initial_halo = std::move(states.final_halo);
+      }
+      return r;
+    }
+#endif
+    return nn::evaluate_stream(model, n, read, window, chunk);
   }
 
   // --dist data: rank 0 receives every rank's rows of a carried state into `full` ([B, ...]),

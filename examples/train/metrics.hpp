@@ -35,6 +35,8 @@ class JsonLine {
   JsonLine& add(const char* key, std::int64_t v) { return raw(key, std::to_string(v)); }
   JsonLine& add(const char* key, const std::string& v) { return raw(key, nlohmann::json(v).dump()); }
   JsonLine& add(const char* key, const char* v) { return add(key, std::string(v)); }
+  // A value already serialised as JSON.
+  JsonLine& add_json(const char* key, const std::string& json) { return raw(key, json); }
   std::string str() const { return "{" + body_ + "}"; }
 
  private:

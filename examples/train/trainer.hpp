@@ -22,8 +22,9 @@
 //   mpirun -np 4 train --dist layer --model mamba-130m ...   each step split over 4 ranks
 //
 // Output, under --out: metrics.jsonl (a line per logged step and per evaluation), config.json,
-// checkpoints/ (step_XXXXXXXX.safetensors and `latest`), and at the end summary.json and
-// plot.png (gnuplot) or plot.svg. A fresh run never writes into a directory holding another
+// checkpoints/ (step_XXXXXXXX.safetensors and `latest`), samples.jsonl (--sample-every: a
+// line per sample), and at the end summary.json (with --eval-data, the loss over that file)
+// and plot.png (gnuplot) or plot.svg. train/generate.hpp loads a run's model again. A fresh run never writes into a directory holding another
 // run's files. SIGINT/SIGTERM/SIGUSR1: the current step finishes, a checkpoint is saved, exit 0.
 //
 // Failures leave a directory that can be resumed or reused. A directory holds a run once
@@ -83,6 +84,7 @@
 #include "config.hpp"
 #include "data.hpp"
 #include "dist.hpp"
+#include "generation.hpp"
 #include "metrics.hpp"
 #include "plot.hpp"
 #include "progress.hpp"
@@ -257,7 +259,8 @@ inline void remove_stale_temporaries(const std::string& dir) {
 }
 
 // The files a fresh run writes into --out, besides its checkpoints.
-inline const char* const run_files[] = {"metrics.jsonl", "summary.json", "config.json", "plot.svg", "plot.png"};
+inline const char* const run_files[] = {"metrics.jsonl", "samples.jsonl", "summary.json", "config.json", "plot.svg",
+                                         "plot.png"};
 
 // Whether `out` holds the start of a run by this trainer that never saved a checkpoint (it
 // failed or was killed first): its config.json is one the trainer wrote.
@@ -477,6 +480,25 @@ int run(Config& cfg, Data& data, const Session& session, Group& group, const std
     created.track(metrics_path);
     metrics.create(metrics_path);
   }
+  // --sample-every: samples.jsonl, kept like metrics.jsonl: on resume, lines of steps after
+  // the checkpoint are dropped first (the resumed run writes them again, the same), so a kill
+  // at any moment neither loses nor repeats a line. A sample is written before the checkpoint
+  // of its step, each line whole and flushed.
+  const std::string samples_path = session.out + "/samples.jsonl";
+  MetricsFile samples;
+  bool samples_open = false;
+  if (root) {
+    std::error_code ec;
+    const bool exists = fs::symlink_status(samples_path, ec).type() != fs::file_type::not_found;
+    if (session.resume_from && (cfg.sample_every > 0 || exists)) {
+      samples.resume(samples_path, step);
+      samples_open = true;
+    } else if (!session.resume_from && cfg.sample_every > 0) {
+      created.track(samples_path);
+      samples.create(samples_path);
+      samples_open = true;
+    }
+  }
   std::string last_checkpoint;  // written in this invocation
   std::string failure;          // a step that failed after the last good state was saved
   if (root) {
@@ -548,8 +570,54 @@ int run(Config& cfg, Data& data, const Session& session, Group& group, const std
     cursor_base_step = step;
     if (root) prune_checkpoints(session.checkpoint_dir, step, session.keep_checkpoints);
   };
+  // --eval-data: the whole file as one sequence (Group::evaluate_stream).
+  EvalFile* eval_file = data.eval_file();
+  std::int64_t eval_data_step = -1;
+  nn::HeldOut eval_data;
+  auto evaluate_file = [&] {
+    if (!eval_file) return;
+    eval_data = group.evaluate_stream(
+        model, eval_file->size(), [&](index_t b, index_t n, token_t* out) { eval_file->read(b, n, out); },
+        index_t(cfg.eval_window), index_t(cfg.chunk));
+    eval_data_step = step;
+    if (!root) return;
+    JsonLine line;
+    line.add("type", "eval_data").add("step", step).add("loss", eval_data.mean_loss());
+    line.add("perplexity", eval_data.perplexity());
+    if (eval_file->bytes()) line.add("bits_per_byte", eval_data.bits_per_byte());
+    line.add("tokens", std::int64_t(eval_data.tokens));
+    metrics.write(line);
+    char buf[200], bpb[40] = "";
+    if (eval_file->bytes()) std::snprintf(bpb, sizeof bpb, "  bits/byte %.4f", eval_data.bits_per_byte());
+    std::snprintf(buf, sizeof buf, "eval data at step %ld: loss %.4f  perplexity %.3f%s  (%ld tokens)", long(step),
+                  eval_data.mean_loss(), eval_data.perplexity(), bpb, long(eval_data.tokens));
+    progress.message(buf);
+  };
+  // --sample-every: rank 0 continues a fixed prompt with a fixed seed (Data::prompt).
+  const std::vector<token_t> sample_prompt = cfg.sample_every > 0 ? data.prompt(32) : std::vector<token_t>();
+  const bool byte_level = cfg.data.rfind("text:", 0) == 0;
+  std::int64_t sample_step = -1;
+  auto sample = [&] {
+    if (cfg.sample_every <= 0 || sample_prompt.empty()) return;
+    sample_step = step;
+    if (!root) return;
+    ModelGenerator<LM> generator(model);
+    GenerateOptions o;
+    o.seed = stream_seed(std::uint64_t(cfg.seed), 3);
+    o.max_tokens = index_t(cfg.sample_tokens);
+    o.chunk = index_t(cfg.chunk);
+    const Generated g = generate(generator, sample_prompt, o, [](index_t, token_t) {});
+    const std::vector<token_t>& out = g.tokens[0];
+    JsonLine line;
+    line.add("step", step);
+    if (byte_level) line.add_json("prompt", json_text(sample_prompt)).add_json("sample", json_text(out));
+    line.add_json("prompt_ids", json_ids(sample_prompt)).add_json("sample_ids", json_ids(out));
+    samples.write(line);
+    progress.message("sample at step " + std::to_string(step) + ": " + (byte_level ? json_text(out) : json_ids(out)));
+  };
   Eval last_eval;
   auto evaluate = [&] {
+    if (eval_file && eval_file->size() <= cfg.eval_tokens) evaluate_file();  // cheap enough for every evaluation
     const auto r = group.evaluate(model, data, index_t(cfg.chunk));
     if (r.tokens == 0) return;
     last_eval = Eval{step, r.mean_loss(), r.accuracy()};
@@ -661,6 +729,7 @@ int run(Config& cfg, Data& data, const Session& session, Group& group, const std
       }
 
       if (cfg.eval_every > 0 && step % cfg.eval_every == 0 && step < last) evaluate();
+      if (cfg.sample_every > 0 && step % cfg.sample_every == 0 && step < last) sample();
       if (cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0 && step < last) save();
       if (signal_received != 0) {
         stop_reason = "interrupted";
@@ -675,7 +744,11 @@ int run(Config& cfg, Data& data, const Session& session, Group& group, const std
   if (root) progress.finish();
 
   const bool interrupted = stop_reason == "interrupted", failed = stop_reason == "failed";
-  if (!interrupted && !failed && last_eval.step != step) evaluate();  // the final evaluation
+  if (!interrupted && !failed) {  // the final evaluation and sample
+    if (last_eval.step != step) evaluate();
+    if (eval_data_step != step) evaluate_file();
+    if (sample_step != step) sample();
+  }
   if (last_saved != step) save();
   if (failed)
     failure += ssmx::detail::str("; the last good state, step ", step, ", is saved in ", last_checkpoint,
@@ -706,6 +779,18 @@ int run(Config& cfg, Data& data, const Session& session, Group& group, const std
     if (group.distributed()) s["peak_bytes_per_rank"] = run_peaks;
     s["final_eval"] = last_eval.valid() ? eval_json(last_eval, data.chance()) : nlohmann::ordered_json();
     s["best_eval"] = best.valid() ? eval_json(best, data.chance()) : nlohmann::ordered_json();
+    if (eval_file) {  // mean loss per prediction, nats; tokens: the predictions (the file's tokens - 1)
+      nlohmann::ordered_json e{{"path", eval_file->spec()}};
+      if (eval_data_step >= 0) {
+        e["step"] = eval_data_step;
+        e["tokens"] = eval_data.tokens;
+        e["loss"] = eval_data.mean_loss();
+        e["perplexity"] = eval_data.perplexity();
+        e["bits_per_byte"] = eval_file->bytes() ? nlohmann::ordered_json(eval_data.bits_per_byte()) : nlohmann::ordered_json();
+      }
+      s["eval_data"] = e;
+    }
+    if (samples_open) s["samples"] = samples_path;
     s["checkpoint"] = last_checkpoint;
     s["metrics"] = metrics_path;
     s["plot"] = plot_path;
@@ -725,6 +810,12 @@ int run(Config& cfg, Data& data, const Session& session, Group& group, const std
     };
     print_eval(interrupted ? "last " : "final", last_eval);
     print_eval("best ", best);
+    if (eval_file && eval_data_step >= 0) {
+      std::printf("eval data %s at step %ld: loss %.4f  perplexity %.3f", eval_file->spec().c_str(), long(eval_data_step),
+                  eval_data.mean_loss(), eval_data.perplexity());
+      if (eval_file->bytes()) std::printf("  bits/byte %.4f", eval_data.bits_per_byte());
+      std::printf("  (%ld tokens)\n", long(eval_data.tokens));
+    }
     std::printf("wrote %s/summary.json%s%s; checkpoint %s\n", session.out.c_str(), plot_path.empty() ? "" : ", ",
                 plot_path.c_str(), last_checkpoint.c_str());
     if (interrupted)
@@ -740,15 +831,73 @@ int run(Config& cfg, Data& data, const Session& session, Group& group, const std
   return 0;
 }
 
+// The model of a trainer run, for generation: preset <Layer, K> with the vocabulary of the
+// run's saved config, its parameters from the checkpoint's files (load_run_parameters).
+template <class Layer, index_t K>
+std::unique_ptr<Generator> open_run_model(const nlohmann::json& saved, const std::vector<std::string>& files) {
+  using LM = nn::Model<Layer, K, ssmx::Space::Host>;
+  const auto& v = saved.contains("vocab") ? saved["vocab"] : nlohmann::json();
+  SSMX_REQUIRE(v.is_number_integer() && v.get<std::int64_t>() > 0, ssmx::IOError, files.front(),
+               ": the saved config's field \"vocab\" is ", ssmx::io::detail::json_excerpt(v),
+               ", expected an integer > 0");
+  typename LM::Config c{index_t(v.get<std::int64_t>()), true, 0};  // the trainer ties the head
+  auto model = std::make_unique<LM>(c);
+  load_run_parameters(*model, files);
+  return std::make_unique<ModelGenerator<LM>>(std::move(model));
+}
+
+// The shape of a Mamba layer type, for matching a Hugging Face / state-spaces config.
+template <class Layer>
+struct MambaShapeOf {
+  static constexpr bool value = false;
+};
+template <index_t D, index_t N, index_t E, index_t W, index_t R>
+struct MambaShapeOf<nn::Mamba<T, D, N, E, W, R>> {
+  static constexpr bool value = true;
+  static constexpr index_t d_model = D, d_state = N, expand = E, d_conv = W, dt_rank = R;
+};
+
+// A public Mamba checkpoint (io/mamba.hpp) in a model of <Layer, K>; the caller matched the
+// shapes (check_mamba_config checks them again).
+template <class Layer, index_t K>
+std::unique_ptr<Generator> open_mamba_checkpoint(const std::string& dir, const ssmx::io::MambaConfig& c) {
+  using LM = nn::Model<Layer, K, ssmx::Space::Host>;
+  auto model = std::make_unique<LM>(typename LM::Config{c.vocab, c.tie_embeddings, 0});
+  ssmx::io::load_mamba(*model, dir);
+  return std::make_unique<ModelGenerator<LM>>(std::move(model));
+}
+
 // The models a trainer program offers: --model NAME picks one. Each preset compiles the
 // whole training loop for its layer type, so register only the ones the program needs.
+// The same list serves generation (train/generate.hpp): a run's saved preset name finds its
+// model, and every Mamba preset's shape (plus those of add_checkpoint_shape) can hold a
+// public Mamba checkpoint.
 class Presets {
  public:
   using Runner = int (*)(Config&, Data&, const Session&, Group&, const std::string&);
+  using RunOpener = std::unique_ptr<Generator> (*)(const nlohmann::json& saved, const std::vector<std::string>& files);
+  using CheckpointOpener = std::unique_ptr<Generator> (*)(const std::string& dir, const ssmx::io::MambaConfig&);
   struct Preset {
     std::string name, description;
     Runner run;
+    RunOpener open;
   };
+  // A Mamba model shape that public checkpoints load into; the fields as io::MambaConfig's.
+  struct MambaShape {
+    std::string name;
+    index_t d_model, n_layer, d_state, expand, d_conv, dt_rank;
+    CheckpointOpener open;
+  };
+
+  // A Mamba shape for checkpoints only (no training preset), e.g. a test fixture's.
+  template <class Layer, index_t K>
+  Presets& add_checkpoint_shape(const std::string& name) {
+    using S = MambaShapeOf<Layer>;
+    static_assert(S::value, "train::Presets::add_checkpoint_shape: Layer must be nn::Mamba<float, ...>");
+    shapes_.push_back({name, S::d_model, K, S::d_state, S::expand, S::d_conv, S::dt_rank, &open_mamba_checkpoint<Layer, K>});
+    return *this;
+  }
+  const std::vector<MambaShape>& mamba_shapes() const { return shapes_; }
 
   // Layer: a layer type as nn::Model takes it, with float parameters on the host; K: the
   // number of layers. The description goes into the log (default: d_model and the state).
@@ -757,7 +906,9 @@ class Presets {
     SSMX_REQUIRE(!name.empty() && name.find_first_of(" |") == std::string::npos, ssmx::ValueError,
                  "train::Presets::add: preset name '", name, "' is empty or holds a space or '|'");
     SSMX_REQUIRE(!find(name), ssmx::ValueError, "train::Presets::add: preset '", name, "' is registered twice");
-    list_.push_back({name, description.empty() ? LayerInfo<Layer>::describe() : description, &run<Layer, K>});
+    list_.push_back({name, description.empty() ? LayerInfo<Layer>::describe() : description, &run<Layer, K>,
+                     &open_run_model<Layer, K>});
+    if constexpr (MambaShapeOf<Layer>::value) add_checkpoint_shape<Layer, K>(name);
     return *this;
   }
   const Preset* find(const std::string& name) const {
@@ -774,6 +925,7 @@ class Presets {
 
  private:
   std::vector<Preset> list_;
+  std::vector<MambaShape> shapes_;
 };
 
 inline int dispatch(const Presets& presets, Config& cfg, Data& data, const Session& session, Group& group) {
@@ -971,13 +1123,7 @@ inline int main(int argc, char** argv, const Presets& presets) {
       const auto latest = ssmx::io::latest_checkpoint(cfg.checkpoint_dir);
       SSMX_REQUIRE(latest.has_value(), UsageError, "--resume: ", cfg.checkpoint_dir,
                    " holds no checkpoint (step_*.safetensors)", restart);
-      const auto md = ssmx::io::SafetensorsFile::open(*latest).metadata();
-      const auto it = md.find("extra.config");
-      SSMX_REQUIRE(it != md.end(), ssmx::IOError, *latest,
-                   ": field \"__metadata__.extra.config\" is missing: not a checkpoint written by train");
-      const nlohmann::json saved = ssmx::io::parse_json(it->second, *latest, "field \"__metadata__.extra.config\"");
-      SSMX_REQUIRE(saved.is_object(), ssmx::IOError, *latest,
-                   ": field \"__metadata__.extra.config\" is not a JSON object");
+      const nlohmann::json saved = read_saved_config(*latest);
       merge_saved_config(cfg, app, saved, *latest, notes);
       started_ranks = saved_ranks(saved, *latest);
       session.resume_from = *latest;
@@ -1006,6 +1152,9 @@ inline int main(int argc, char** argv, const Presets& presets) {
                  " rows do not split evenly over ", cfg.ranks, " ranks; use a multiple of ", cfg.ranks);
     SSMX_REQUIRE(scheme != Scheme::sequence || cfg.strategy == "adjoint", UsageError,
                  "--dist sequence works with --strategy adjoint only, not ", cfg.strategy);
+    SSMX_REQUIRE(scheme != Scheme::layer || cfg.sample_every == 0, UsageError, "--sample-every ", cfg.sample_every,
+                 ": generating needs the whole model in one process, and --dist layer splits it over the ranks; "
+                 "sample from a checkpoint afterwards (generate --run ", cfg.out.empty() ? "DIR" : cfg.out, ")");
 
     if (cfg.out.empty()) {  // the same on every rank: rank 0's clock
       const auto now = group->gather({group->root() ? std::int64_t(std::time(nullptr)) : 0});
@@ -1019,6 +1168,7 @@ inline int main(int argc, char** argv, const Presets& presets) {
                  " exceeds --context ", cfg.context);
 
     Data data(cfg);  // reads and checks the data; fills cfg.vocab
+    data.open_eval_file(cfg);
     group->check_same_flags(rank_flags(cfg, session, resume));
     return dispatch(presets, cfg, data, session, *group);
   } catch (const std::exception& e) {

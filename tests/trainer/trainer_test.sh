@@ -33,6 +33,17 @@
 #                 starts afresh over it and gives the same losses as a clean run.
 #   first-step-oom out of memory in the first step (ulimit -v): exit 1, and the run's
 #                 files are removed again (WORK as before); skipped under AddressSanitizer.
+#   samples       --sample-every: samples.jsonl holds a line per sample that parses, with the
+#                 stated prompt (the first 32 held-out bytes); a run killed between a sample
+#                 and its checkpoint, then resumed, ends with the same file byte for byte.
+#   eval-data     --eval-data: summary.json's loss over a file shorter than one window equals
+#                 the loss in windows of 7 tokens (the state carried); perplexity = exp(loss),
+#                 bits per byte = loss / ln 2; a token file of the same bytes gives the same loss.
+#   generate GENERATE
+#                 GENERATE --run on a run trained here: the number of tokens asked for, greedy
+#                 and seeded output reproducible, different seeds and --batch sequences
+#                 different, --stop, text output, the tokens/s and memory line.
+# (bad-input also takes GENERATE as TRAIN, for generate's own bad input.)
 #
 # Several processes (--dist): these modes take the mpiexec command line first, up to `--`
 # (the executable, its process-count flag, then flags such as --oversubscribe); most run
@@ -53,6 +64,10 @@
 #                 fails naming both values and changes nothing.
 #   dist-expect-error RANKS REGEX ARGS...
 #                 as expect-error, under mpiexec with RANKS ranks.
+#   dist-layer-eval -- GENERATE
+#                 --eval-data under --dist layer (the ranks evaluate each window together)
+#                 gives one process's loss; GENERATE --run reads the run's checkpoint parts
+#                 and continues a prompt as it does from the one-process run.
 set -euo pipefail
 mode=$1 train=$2 work=$3 src=$4
 shift 4
@@ -220,6 +235,13 @@ setup() {
     latest-devzero) small_run R; rm R/checkpoints/latest; ln -s /dev/zero R/checkpoints/latest ;;
     latest-missing) small_run R; echo step_00000099.safetensors > R/checkpoints/latest ;;
     checkpoint-truncated) small_run R; truncate -s 100 R/checkpoints/step_00000002.safetensors ;;
+    empty-run) mkdir -p R/checkpoints ;;
+    hf-wide)  # the fixture with a d_model no model of generate has
+      mkdir W
+      cp "$src/tests/data/mamba_tiny/model.safetensors" W/
+      sed -e 's/"hidden_size": 16/"hidden_size": 24/' -e 's/"intermediate_size": 32/"intermediate_size": 48/' \
+        "$src/tests/data/mamba_tiny/config.json" > W/config.json
+      grep -q '"hidden_size": 24' W/config.json || fail "setup: hidden_size not replaced" ;;
     *) fail "unknown setup $1" ;;
   esac
 }
@@ -365,6 +387,107 @@ case "$mode" in
     [ ! -e O ] || fail "the failed run left files: $(find O)"
     echo "PASS"
     ;;
+  samples)
+    common=(--model diagonal-small --data "text:$src/README.md" --context 32 --batch 2 --steps 4 --checkpoint-every 2
+            --keep-checkpoints 0 --eval-every 0 --sample-every 2 --sample-tokens 8 --print-every 1)
+    "$train" --out A "${common[@]}" > A.log 2>&1 || { cat A.log; fail "run A failed"; }
+    cat A.log
+    grep -q '^sample at step 2: "' A.log || fail "no sample printed at step 2"
+    python3 - "$src/README.md" A/samples.jsonl A/summary.json << 'PY' || fail "A/samples.jsonl is not as stated"
+import json, sys
+data = open(sys.argv[1], "rb").read()
+held_out = data[len(data) - int(len(data) * 0.05):]
+lines = open(sys.argv[2]).read().splitlines()
+steps = [json.loads(l)["step"] for l in lines]
+assert steps == [2, 4], "steps %s, expected [2, 4]" % steps
+for l in lines:
+    j = json.loads(l)
+    assert list(j) == ["step", "prompt", "sample", "prompt_ids", "sample_ids"], list(j)
+    assert j["prompt_ids"] == list(held_out[:32]), "the prompt is not the first 32 held-out bytes"
+    assert j["prompt"].replace("\ufffd", "") == held_out[:32].decode("utf-8", "replace").replace("\ufffd", ""), j["prompt"]
+    assert len(j["sample_ids"]) == 8 and all(0 <= t < 256 for t in j["sample_ids"]), j["sample_ids"]
+    # Bytes that are not UTF-8 become U+FFFD (how many per sequence is the encoder's choice).
+    text = bytes(j["sample_ids"]).decode("utf-8", "replace")
+    assert j["sample"].replace("\ufffd", "") == text.replace("\ufffd", ""), (j["sample"], j["sample_ids"])
+assert json.load(open(sys.argv[3]))["samples"] == "A/samples.jsonl"
+print("samples.jsonl: %d lines as stated" % len(lines))
+PY
+    "$train" --out B "${common[@]}" --until 3 > B1.log 2>&1 || { cat B1.log; fail "run B (first part) failed"; }
+    [ "$(wc -l < B/samples.jsonl)" -eq 2 ] || fail "B/samples.jsonl should hold steps 2 and 3 (the end of the invocation)"
+    # As if B had been killed after sampling at step 3 but before its checkpoint.
+    rm -f B/checkpoints/latest B/checkpoints/step_00000003.safetensors
+    "$train" --out B --resume > B2.log 2>&1 || { cat B2.log; fail "run B (resumed) failed"; }
+    cmp A/samples.jsonl B/samples.jsonl || { diff A/samples.jsonl B/samples.jsonl; fail "the resumed run's samples differ"; }
+    echo "PASS: samples.jsonl parses, and a resumed run keeps one line per sample, as an uninterrupted run"
+    ;;
+  eval-data)
+    head -c 3000 "$src/README.md" > eval.txt
+    make_token_file eval.txt eval.bin 3000
+    common=(--model diagonal-small --data "text:$src/README.md" --context 32 --batch 2 --steps 3 --eval-every 2
+            --eval-tokens 100000 --checkpoint-every 0 --print-every 1)
+    "$train" --out W1 "${common[@]}" --eval-data text:eval.txt --eval-window 100000 > W1.log 2>&1 ||
+      { cat W1.log; fail "run W1 failed"; }
+    "$train" --out W2 "${common[@]}" --eval-data text:eval.txt --eval-window 7 > W2.log 2>&1 ||
+      { cat W2.log; fail "run W2 failed"; }
+    "$train" --out W3 "${common[@]}" --eval-data tokens:eval.bin --eval-window 100 > W3.log 2>&1 ||
+      { cat W3.log; fail "run W3 failed"; }
+    cat W2.log
+    grep -Eq "^eval data text:eval.txt at step 3: loss [0-9.]+  perplexity [0-9.]+  bits/byte [0-9.]+  \(2999 tokens\)" W2.log ||
+      fail "the summary lines do not report the --eval-data numbers"
+    grep -q '"type":"eval_data","step":2,' W2/metrics.jsonl || fail "no eval_data metrics line at the evaluation of step 2"
+    python3 - W1/summary.json W2/summary.json W3/summary.json << 'PY' || fail "summary.json's eval_data is wrong"
+import json, math, sys
+one, windows, tokens = (json.load(open(p))["eval_data"] for p in sys.argv[1:])
+print(one, windows, tokens, sep="\n")
+for e in (one, windows):
+    assert e["path"] == "text:eval.txt" and e["step"] == 3 and e["tokens"] == 2999, e
+    assert abs(e["perplexity"] - math.exp(e["loss"])) <= 1e-12 * e["perplexity"], e
+    assert abs(e["bits_per_byte"] - e["loss"] / math.log(2)) <= 1e-12 * e["bits_per_byte"], e
+assert 4 < one["loss"] < 6.5, "loss %g: not near ln 256 = 5.5 after 3 steps" % one["loss"]
+# One window is the file as one sequence; windows of 7 carry the state: the same loss, to rounding.
+rel = abs(one["loss"] - windows["loss"]) / one["loss"]
+assert rel <= 1e-5, "one window: %.9g, windows of 7: %.9g (relative %.2e)" % (one["loss"], windows["loss"], rel)
+assert tokens["path"] == "tokens:eval.bin" and tokens["tokens"] == 2999 and tokens["bits_per_byte"] is None, tokens
+assert abs(tokens["loss"] - one["loss"]) <= 1e-5 * one["loss"], (tokens["loss"], one["loss"])
+print("one window %.9g, windows of 7 %.9g (relative difference %.2e)" % (one["loss"], windows["loss"], rel))
+PY
+    echo "PASS"
+    ;;
+  generate)
+    gen=$1
+    [ -f "$gen" ] && [ -x "$gen" ] || fail "$gen is not an executable"
+    "$train" --out R --model diagonal-small --data "text:$src/README.md" --context 32 --batch 2 --steps 4 \
+      --eval-every 0 --print-every 1 > R.log 2>&1 || { cat R.log; fail "training the run failed"; }
+    g() { "$gen" --run R --prompt "The trainer " --max-tokens 20 "$@" 2> g.err || { cat g.err; fail "generate $* failed"; }; }
+    out=$(g --ids)
+    cat g.err
+    [ "$(wc -w <<< "$out")" -eq 20 ] || fail "--max-tokens 20 printed $(wc -w <<< "$out") ids: $out"
+    grep -Eq "^generate: model diagonal-small .* from R/checkpoints/step_00000004.safetensors, vocab 256" g.err ||
+      fail "generate does not say which model and checkpoint it loaded"
+    grep -Eq "^generate: 20 tokens in [0-9.]+ s: [0-9.]+ tokens/s \(prefill: 12 tokens in [0-9.]+ s\); peak host memory [0-9.]+ MiB$" g.err ||
+      fail "no line with tokens/s and peak memory"
+    [ "$(g --ids --temperature 0)" = "$(g --ids --temperature 0)" ] || fail "--temperature 0 twice differs"
+    s1=$(g --ids --seed 1)
+    [ "$s1" = "$(g --ids --seed 1)" ] || fail "--seed 1 twice differs"
+    [ "$s1" != "$(g --ids --seed 2)" ] || fail "--seed 1 and --seed 2 give the same tokens: $s1"
+    [ "$(g --ids)" = "$(g --ids --seed 0)" ] || fail "the default seed is not 0"
+    batch=$(g --ids --seed 1 --batch 3)
+    [ "$(wc -l <<< "$batch")" -eq 3 ] || fail "--batch 3 printed $(wc -l <<< "$batch") lines"
+    [ "$(head -1 <<< "$batch")" = "$s1" ] || fail "sequence 0 of --batch 3 differs from the single sequence of the same seed"
+    [ "$(sort -u <<< "$batch" | wc -l)" -eq 3 ] || fail "the 3 sequences of --batch 3 are not all different: $batch"
+    while read -r line; do [ "$(wc -w <<< "$line")" -eq 20 ] || fail "a --batch sequence has $(wc -w <<< "$line") ids"; done <<< "$batch"
+    greedy=$(g --ids --temperature 0)
+    stop=$(cut -d' ' -f6 <<< "$greedy")
+    before=$(tr ' ' '\n' <<< "$greedy" | grep -nx -- "$stop" | head -1 | cut -d: -f1)
+    stopped=$(g --ids --temperature 0 --stop "$stop")
+    [ "$(wc -w <<< "$stopped")" -eq $((before - 1)) ] ||
+      fail "--stop $stop: $(wc -w <<< "$stopped") ids, expected the $((before - 1)) before its first occurrence in: $greedy"
+    g --temperature 0 > text.out
+    [ "$(stat -c %s text.out)" -eq 21 ] || fail "text output: $(stat -c %s text.out) bytes, expected 20 and a newline"
+    [ "$(od -An -v -tu1 text.out | tr -s ' \n' ' ' | sed 's/^ //; s/ 10 $//')" = "$greedy" ] ||
+      fail "the text output is not the bytes of the greedy ids"
+    echo "PASS"
+    ;;
   dist-data)
     dist_test data --data "text:$src/README.md" --model mamba-tiny --strategy truncated --window 16 --context 32 \
       --batch 4 --val-fraction 0.1 --eval-tokens 256
@@ -461,6 +584,28 @@ case "$mode" in
     [ $rc -ne 0 ] && grep -q -- '--dist "sequence" differs from the value the run was started with, "data"' M4.log ||
       fail "--dist mismatch not reported"
     [ "$(sum M)" = "$before" ] || fail "a failed resume changed files"
+    echo "PASS"
+    ;;
+  dist-layer-eval)
+    gen=$1
+    head -c 3000 "$src/README.md" > eval.txt
+    flags=(--model mamba-tiny --data "text:$src/README.md" --context 32 --batch 2 --steps 3 --eval-every 0
+           --checkpoint-every 0 --eval-data text:eval.txt --eval-window 50 --chunk 8)
+    "$train" --out S "${flags[@]}" > S.log 2>&1 || { cat S.log; fail "run S (one process) failed"; }
+    np 2 --dist layer --out L "${flags[@]}" > L.log 2>&1 || { cat L.log; fail "run L (2 ranks) failed"; }
+    cat L.log
+    [ -f L/checkpoints/step_00000003.rank-1-of-2.safetensors ] || fail "--dist layer wrote no part for rank 1"
+    python3 - S/summary.json L/summary.json << 'PY' || fail "--eval-data under --dist layer differs from one process"
+import json, sys
+s, l = (json.load(open(p))["eval_data"] for p in sys.argv[1:])
+assert s["tokens"] == l["tokens"] == 2999, (s, l)
+rel = abs(s["loss"] - l["loss"]) / s["loss"]
+assert rel <= 1e-5, "one process %.9g, 2 ranks %.9g" % (s["loss"], l["loss"])
+print("eval data: one process %.9g, --dist layer %.9g (relative %.2e)" % (s["loss"], l["loss"], rel))
+PY
+    one=$("$gen" --run S --prompt "The " --max-tokens 16 --temperature 0 --ids 2> gen.err) || { cat gen.err; fail "generate --run S failed"; }
+    two=$("$gen" --run L --prompt "The " --max-tokens 16 --temperature 0 --ids 2> gen.err) || { cat gen.err; fail "generate --run L failed"; }
+    [ "$one" = "$two" ] || fail "generate from the --dist layer run: $two; from one process: $one"
     echo "PASS"
     ;;
   dist-expect-error)
