@@ -1,8 +1,9 @@
 # ssmx_target_ubsan(<target>): with SSMX_UBSAN_INPUT_PROGRAMS, UndefinedBehaviorSanitizer
-# (halting at the first report) for a program that reads untrusted bytes: the bad-input
-# suite, the fuzz replays, the trainer. CI's sanitizer build sets it and puts AddressSanitizer
-# on everything through CMAKE_CXX_FLAGS; the unit suite there runs under ASan alone, since
-# UBSan's checks on the template-heavy engine cost about three times ASan's compile time.
+# (halting at the first report) for the programs that drive the parsers of untrusted bytes
+# with malformed input: the bad-input suite and the fuzz replays. CI's sanitizer build sets
+# it and puts AddressSanitizer on everything through CMAKE_CXX_FLAGS; the unit suite and the
+# example programs there run under ASan alone, since UBSan's checks on the template-heavy
+# engine cost about three times ASan's compile time.
 include_guard(GLOBAL)
 
 option(SSMX_UBSAN_INPUT_PROGRAMS "UBSan for the programs that read untrusted input (CI's sanitizer build)" OFF)
