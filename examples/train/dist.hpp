@@ -317,23 +317,11 @@ class Group {
   template <class LM, class Read>
   nn::HeldOut evaluate_stream(LM& model, index_t n, Read&& read, index_t window, index_t chunk) {
 #if SSMX_TRAIN_MPI
-    if (scheme_ == Scheme::layer) {
-      nn::LayerStates<typename LM::T> states;
-      std::vector<token_t> buf(std::size_t(std::min(window, n - 1) + 1));
-      nn::HeldOut r;
-      for (index_t i = 0; i + 1 < n; i += window) {
-        const index_t w = std::min(window, n - 1 - i);
-        read(i, w + 1, buf.data());
-        const nn::StepResult s =
-            ssmx::dist::layer_parallel_evaluate(model, *comm_, nn::Batch{buf.data(), buf.data() + 1, 1, w, nullptr}, &states);
-        r.loss += s.loss;
-        r.tokens += s.tokens;
-        r.correct += s.correct;
-        states.initial = std::move(states.final_states);
-        states.initial_halo = std::move(states.final_halo);
-      }
-      return r;
-    }
+    if (scheme_ == Scheme::layer)
+      return nn::evaluate_windows<typename LM::T, LM::space>(
+          n, model.vocab(), read, window, [&](const nn::Batch& b, nn::LayerStates<typename LM::T>* st) {
+            return ssmx::dist::layer_parallel_evaluate(model, *comm_, b, st);
+          });
 #endif
     return nn::evaluate_stream(model, n, read, window, chunk);
   }

@@ -164,11 +164,11 @@ TEST_CASE("generate: bad tokens and foreign decode states are named") {
   auto ds = m.decode_state(2);
   const token_t bad[2] = {1, token_t(gen_vocab)};
   CHECK_THROWS_WITH_AS(m.step(bad, ds), doctest::Contains("tokens[1] = 13 is outside the vocabulary"), ValueError);
-  auto other = gen_model<GenDiagonal>().decode_state(2);
-  (void)other;
   nn::DecodeState<double, space> empty;
   const token_t ok[2] = {1, 2};
   CHECK_THROWS_WITH_AS(m.step(ok, empty), doctest::Contains("make it with decode_state"), ValueError);
+  auto other = gen_model<GenDiagonal>().decode_state(2);  // another layer's state: [2, 32], not [2, 64]
+  CHECK_THROWS_WITH_AS(m.step(ok, other), doctest::Contains("decode state"), ShapeError);
   CHECK_THROWS_WITH_AS(m.prefill(ok, 0, ds), doctest::Contains("the prompt is empty"), ValueError);
   CHECK_THROWS_WITH_AS(m.prefill(ok, 2, ds, 2), doctest::Contains("sequence 2 of a decode state for 2"), ValueError);
 }

@@ -31,26 +31,23 @@ struct HeldOut {
 };
 
 // Over n tokens delivered by read(begin, count, out) (e.g. data::TokenFile::read), in
-// windows of `window` predictions; each window runs the model's streamed forward in chunks
-// of `chunk`. Memory: one window of tokens and logits' worth of one chunk, plus the states.
-template <class M, class Read>
-HeldOut evaluate_stream(M& model, index_t n, Read&& read, index_t window = 4096, index_t chunk = 1024) {
+// windows of `window` predictions, each scored by eval(batch, states) -> StepResult with the
+// states carried from the window before (Model::evaluate, or a distributed evaluation such
+// as dist::layer_parallel_evaluate). Memory: one window of tokens, plus what eval holds.
+template <class T, Space S, class Read, class Eval>
+HeldOut evaluate_windows(index_t n, index_t vocab, Read&& read, index_t window, Eval&& eval) {
   SSMX_REQUIRE(n >= 2, ValueError, "evaluate: ", n, " token(s) hold no prediction (at least 2 are needed)");
-  SSMX_REQUIRE(window > 0 && chunk > 0, ValueError, "evaluate: window (", window, ") and chunk (", chunk,
-               ") must be positive");
-  using T = typename M::T;
-  LayerStates<T, M::space> states;
+  SSMX_REQUIRE(window > 0, ValueError, "evaluate: window (", window, ") must be positive");
+  LayerStates<T, S> states;
   std::vector<token_t> buf(static_cast<std::size_t>(std::min(window, n - 1) + 1));
   HeldOut r;
   for (index_t i = 0; i + 1 < n; i += window) {
     const index_t w = std::min(window, n - 1 - i);
     read(i, w + 1, buf.data());
     for (index_t t = 0; t <= w; ++t)
-      SSMX_REQUIRE(buf[std::size_t(t)] >= 0 && index_t(buf[std::size_t(t)]) < model.vocab(), ValueError,
-                   "evaluate: token ", i + t, " = ", buf[std::size_t(t)], " is outside the vocabulary [0, ",
-                   model.vocab(), ")");
-    const Batch b{buf.data(), buf.data() + 1, 1, w, nullptr};
-    const StepResult s = model.evaluate(b, chunk, &states);
+      SSMX_REQUIRE(buf[std::size_t(t)] >= 0 && index_t(buf[std::size_t(t)]) < vocab, ValueError, "evaluate: token ",
+                   i + t, " = ", buf[std::size_t(t)], " is outside the vocabulary [0, ", vocab, ")");
+    const StepResult s = eval(Batch{buf.data(), buf.data() + 1, 1, w, nullptr}, &states);
     r.loss += s.loss;
     r.tokens += s.tokens;
     r.correct += s.correct;
@@ -58,6 +55,16 @@ HeldOut evaluate_stream(M& model, index_t n, Read&& read, index_t window = 4096,
     states.initial_halo = std::move(states.final_halo);
   }
   return r;
+}
+
+// evaluate_windows with the model's streamed forward in chunks of `chunk`. Memory: one
+// window of tokens and logits' worth of one chunk, plus the states.
+template <class M, class Read>
+HeldOut evaluate_stream(M& model, index_t n, Read&& read, index_t window = 4096, index_t chunk = 1024) {
+  SSMX_REQUIRE(chunk > 0, ValueError, "evaluate: chunk (", chunk, ") must be positive");
+  return evaluate_windows<typename M::T, M::space>(
+      n, model.vocab(), read, window,
+      [&](const Batch& b, LayerStates<typename M::T, M::space>* st) { return model.evaluate(b, chunk, st); });
 }
 
 template <class M>

@@ -14,6 +14,7 @@
 //   Adjoint       K·T·P layer inputs + K·(T/chunk)·S boundary states + one chunk's tape
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <memory>
@@ -379,6 +380,12 @@ class Model {
     SSMX_REQUIRE(b >= 0 && b < ds.batch, ValueError, "prefill: sequence ", b, " of a decode state for ", ds.batch,
                  " sequences");
     SSMX_REQUIRE(len > 0, ValueError, "prefill: the prompt is empty");
+    if (len == 1) {  // one token: a step
+      DecodeState<T, Mem> one = slice_state(ds, b);
+      Tensor<T, Mem> lg = step(prompt, one, starts);
+      put_state(ds, b, one);
+      return lg;
+    }
     const index_t S = state_numel(Layer::state_dims()), P = d_model;
     LayerStates<T, Mem> ls;
     for (index_t k = 0; k < K; ++k) {
@@ -395,7 +402,6 @@ class Model {
       st.assign(std::size_t(len), 0);
       if (starts) std::copy(starts, starts + len, st.begin());
     }
-    Batch batch{prompt, nullptr, 1, len, st.empty() ? nullptr : st.data()};
     Tensor<T, Mem> lg;
     if (since0 < halo && !(starts && starts[0])) {
       // Continue a document begun in ds within the last halo tokens: step until the window
@@ -407,18 +413,19 @@ class Model {
       if (m == len) return lg;
       return prefill(prompt + m, len - m, ds, b, chunk, starts ? starts + m : nullptr);
     }
-    lg = logits(batch, chunk, &ls);
+    // Tokens [0, len - 1) without logits (memory: one chunk, not [len, vocab]), then the
+    // last token as a step, whose logits are the ones returned.
+    const std::vector<token_t> none(std::size_t(len - 1), token_t(-1));
+    (void)evaluate(Batch{prompt, none.data(), 1, len - 1, st.empty() ? nullptr : st.data()}, chunk, &ls);
     for (index_t k = 0; k < K; ++k) {
       copy<T>(ds.h[std::size_t(k)].view().slice(b, b + 1), CV(ls.final_states[std::size_t(k)].view()));
       if constexpr (halo > 0)
         copy<T>(row_of(ds.tail[std::size_t(k)], b, Dims{halo, P}), CV(ls.final_halo[std::size_t(k)].view()).reshape(Dims{halo, P}));
     }
     index_t run = ds.since[std::size_t(b)];
-    for (index_t t = 0; t < len; ++t) run = std::min((starts && starts[t]) ? 1 : run + 1, halo);
+    for (index_t t = 0; t + 1 < len; ++t) run = std::min((starts && starts[t]) ? 1 : run + 1, halo);
     ds.since[std::size_t(b)] = run;
-    Tensor<T, Mem> last(Dims{1, cfg_.vocab}, Tag::Activations);
-    copy<T>(last.view(), CV(lg.view()).reshape(Dims{len, cfg_.vocab}).slice(len - 1, len));
-    return last;
+    return prefill(prompt + len - 1, 1, ds, b, chunk, starts ? starts + len - 1 : nullptr);
   }
 
   // The epsilon of every RMSNorm (the blocks' and the final one), e.g. a checkpoint's
@@ -472,7 +479,9 @@ class Model {
                  matmul(rms_norm(CV(y.view()), norm_f_.weight.value, norm_f_.eps), head_view()));
           continue;
         }
-        StepResult r = head_loss(CV(y.view()), batch.targets + b * T_ + c0, nullptr);
+        const token_t* tg = batch.targets + b * T_ + c0;
+        if (std::none_of(tg, tg + n, [](token_t x) { return x >= 0; })) continue;  // nothing to score
+        StepResult r = head_loss(CV(y.view()), tg, nullptr);
         total.loss += r.loss;
         total.tokens += r.tokens;
         total.correct += r.correct;
