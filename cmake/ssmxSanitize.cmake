@@ -3,7 +3,8 @@
 # with malformed input: the bad-input suite and the fuzz replays. CI's sanitizer build sets
 # it and puts AddressSanitizer on everything through CMAKE_CXX_FLAGS; the unit suite and the
 # example programs there run under ASan alone, since UBSan's checks on the template-heavy
-# engine cost about three times ASan's compile time.
+# engine add about 70% to ASan's compile time at -O0 (test_fused.cpp: 223 s against 131 s)
+# and triple it at -O1.
 include_guard(GLOBAL)
 
 option(SSMX_UBSAN_INPUT_PROGRAMS "UBSan for the programs that read untrusted input (CI's sanitizer build)" OFF)
