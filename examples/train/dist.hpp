@@ -23,8 +23,11 @@
 // another order.
 //
 // Agreement: whatever every rank must decide alike (stop on a signal or on the time budget)
-// is summed over the ranks after each step. Failure: an exception on any rank ends the job:
-// that rank prints `train: error: rank r of R: ...` and calls MPI_Abort. A rank that dies
+// is summed over the ranks after each step. Failure: an error found while the run is set up
+// (flags, data, files, the ranks' flags against each other) is agreed on by all ranks, which
+// then end normally with its exit status (Group::agree_on_failure); an exception on any rank
+// later ends the job: that rank prints `train: error: rank r of R: ...` and calls MPI_Abort
+// (the others may wait in a collective that it will never join). A rank that dies
 // without a word leaves the others waiting in a collective until SSMX_DIST_TIMEOUT seconds
 // (default 300) have passed; they then fail the same way.
 // Part of the trainer; include examples/train/trainer.hpp instead.
@@ -253,6 +256,29 @@ class Group {
       default:
         return "";
     }
+  }
+
+  // The end of a phase that every rank reaches, failed or not: each passes its own error
+  // (code 0: none), and all learn whether any rank failed. If one did, every rank returns the
+  // largest code and the job ends as a normal one does (MPI is finalised with the Group), not
+  // through MPI_Abort: the error is printed once when every rank failed with the same message,
+  // else by each rank that failed. One collective; 0 when no rank failed.
+  int agree_on_failure(int code, const std::string& message) {
+    const auto all = gather({code, code ? std::int64_t(fnv1a(message)) : 0});
+    int worst = 0;
+    bool alike = true;
+    for (int q = 0; q < size_; ++q) {
+      worst = std::max(worst, int(all[std::size_t(2 * q)]));
+      alike = alike && all[std::size_t(2 * q)] != 0 && all[std::size_t(2 * q + 1)] == all[1];
+    }
+    if (worst == 0) return 0;
+    if (alike && size_ > 1) {
+      if (root()) std::fprintf(stderr, "train: error: all %d ranks: %s\n", size_, message.c_str());
+    } else if (code) {
+      std::fprintf(stderr, "train: error: %s%s\n", distributed() ? (who() + ": ").c_str() : "", message.c_str());
+    }
+    std::fflush(stdout);
+    return worst;
   }
 
   // Ends the job on every rank (MPI_Abort), or this process alone.

@@ -881,6 +881,7 @@ class Presets {
     std::string name, description;
     Runner run;
     RunOpener open;
+    index_t layers;
   };
   // A Mamba model shape that public checkpoints load into; the fields as io::MambaConfig's.
   struct MambaShape {
@@ -907,7 +908,7 @@ class Presets {
                  "train::Presets::add: preset name '", name, "' is empty or holds a space or '|'");
     SSMX_REQUIRE(!find(name), ssmx::ValueError, "train::Presets::add: preset '", name, "' is registered twice");
     list_.push_back({name, description.empty() ? LayerInfo<Layer>::describe() : description, &run<Layer, K>,
-                     &open_run_model<Layer, K>});
+                     &open_run_model<Layer, K>, K});
     if constexpr (MambaShapeOf<Layer>::value) add_checkpoint_shape<Layer, K>(name);
     return *this;
   }
@@ -1091,7 +1092,11 @@ inline int main(int argc, char** argv, const Presets& presets) {
     return rc == 0 ? 0 : 2;       // a usage error, as the others
   }
 
+  auto exit_code = [](const std::exception& e) { return dynamic_cast<const UsageError*>(&e) ? 2 : 1; };
   std::optional<Group> group;  // MPI, when --dist asks for it
+  std::optional<Data> data;
+  std::vector<std::string> notes;
+  std::int64_t started_ranks = 1;
   try {
     if (cfg.device == "cuda")
       throw UsageError("--device cuda: this trainer is built for the host (its checkpoints, data packing and MPI "
@@ -1102,8 +1107,6 @@ inline int main(int argc, char** argv, const Presets& presets) {
     if (cfg.threads > 0) omp_set_num_threads(int(cfg.threads));
 #endif
 
-    std::vector<std::string> notes;
-    std::int64_t started_ranks = 1;
     if (resume) {
       SSMX_REQUIRE(!cfg.out.empty() || !cfg.checkpoint_dir.empty(), UsageError,
                    "--resume: pass --out DIR (or --checkpoint-dir DIR) of the run to continue");
@@ -1129,54 +1132,81 @@ inline int main(int argc, char** argv, const Presets& presets) {
       session.resume_from = *latest;
     }
 
-    // MPI from here on (--dist, possibly from the saved config): errors end every rank.
+    // MPI from here on (--dist, possibly from the saved config).
     const Scheme scheme = parse_scheme(cfg.dist);
     SSMX_REQUIRE(scheme != Scheme::none || launcher_job_size() <= 1, UsageError, "--dist none, but this is one of ",
                  launcher_job_size(), " processes started by mpirun: each would train the whole run by itself "
                  "into the same --out; pass --dist data, layer or sequence");
     group.emplace(scheme, &argc, &argv);
     cfg.ranks = group->size();
-    if (group->root()) {
-      if (cfg.device == "auto") std::printf("device: cpu (auto: this trainer is built for the host)\n");
-#if !defined(_OPENMP)
-      if (cfg.threads > 0) std::printf("note: --threads %ld ignored: this build has no OpenMP\n", long(cfg.threads));
+  } catch (const std::exception& e) {  // before MPI: each process by itself
+    std::fprintf(stderr, "train: error: %s\n", e.what());
+    return exit_code(e);
+  }
+
+  // Set-up: checks every rank makes for itself, then each agreement point of the ranks
+  // (Group::agree_on_failure), which ends the job normally when any of them failed; after
+  // set-up, a failure on one rank ends the job with MPI_Abort.
+  try {
+    const auto now = group->gather({group->root() ? std::int64_t(std::time(nullptr)) : 0});  // rank 0's clock
+    int code = 0;
+    std::string error;
+    auto agree = [&](auto&& phase) {
+      try {
+        phase();
+#if SSMX_TRAIN_MPI
+      } catch (const ssmx::dist::DistTimeoutError&) {
+        throw;  // a rank is gone: nobody would join the agreement
 #endif
-      for (const auto& n : notes) std::printf("%s\n", n.c_str());
-      std::fflush(stdout);
-    }
-    SSMX_REQUIRE(!resume || started_ranks == cfg.ranks, UsageError, "--resume: the run was started with ", started_ranks,
-                 started_ranks == 1 ? " rank" : " ranks", " (--dist ", cfg.dist, ", saved in ",
-                 session.resume_from.value_or(""), "), but this job has ", cfg.ranks,
-                 ": resume it with mpirun -np ", started_ranks, started_ranks == 1 && scheme == Scheme::none ? " (or without mpirun)" : "");
-    SSMX_REQUIRE(scheme != Scheme::data || cfg.batch % cfg.ranks == 0, UsageError, "--dist data: --batch ", cfg.batch,
-                 " rows do not split evenly over ", cfg.ranks, " ranks; use a multiple of ", cfg.ranks);
-    SSMX_REQUIRE(scheme != Scheme::sequence || cfg.strategy == "adjoint", UsageError,
-                 "--dist sequence works with --strategy adjoint only, not ", cfg.strategy);
-    SSMX_REQUIRE(scheme != Scheme::layer || cfg.sample_every == 0, UsageError, "--sample-every ", cfg.sample_every,
-                 ": generating needs the whole model in one process, and --dist layer splits it over the ranks; "
-                 "sample from a checkpoint afterwards (generate --run ", cfg.out.empty() ? "DIR" : cfg.out, ")");
+      } catch (const std::exception& e) {
+        code = exit_code(e);
+        error = e.what();
+      }
+      return group->agree_on_failure(code, error);
+    };
+    const int setup = agree([&] {
+      if (group->root()) {
+        if (cfg.device == "auto") std::printf("device: cpu (auto: this trainer is built for the host)\n");
+#if !defined(_OPENMP)
+        if (cfg.threads > 0) std::printf("note: --threads %ld ignored: this build has no OpenMP\n", long(cfg.threads));
+#endif
+        for (const auto& n : notes) std::printf("%s\n", n.c_str());
+        std::fflush(stdout);
+      }
+      const Scheme scheme = group->scheme();
+      SSMX_REQUIRE(!resume || started_ranks == cfg.ranks, UsageError, "--resume: the run was started with ", started_ranks,
+                   started_ranks == 1 ? " rank" : " ranks", " (--dist ", cfg.dist, ", saved in ",
+                   session.resume_from.value_or(""), "), but this job has ", cfg.ranks,
+                   ": resume it with mpirun -np ", started_ranks, started_ranks == 1 && scheme == Scheme::none ? " (or without mpirun)" : "");
+      SSMX_REQUIRE(scheme != Scheme::data || cfg.batch % cfg.ranks == 0, UsageError, "--dist data: --batch ", cfg.batch,
+                   " rows do not split evenly over ", cfg.ranks, " ranks; use a multiple of ", cfg.ranks);
+      SSMX_REQUIRE(scheme != Scheme::sequence || cfg.strategy == "adjoint", UsageError,
+                   "--dist sequence works with --strategy adjoint only, not ", cfg.strategy);
+      SSMX_REQUIRE(scheme != Scheme::layer || cfg.sample_every == 0, UsageError, "--sample-every ", cfg.sample_every,
+                   ": generating needs the whole model in one process, and --dist layer splits it over the ranks; "
+                   "sample from a checkpoint afterwards (generate --run ", cfg.out.empty() ? "DIR" : cfg.out, ")");
+      const Presets::Preset* preset = presets.find(cfg.model);
+      if (!preset) throw UsageError("--model '" + cfg.model + "': not a preset");
+      (void)group->layers(preset->layers, cfg.model);  // enough layers for --dist layer
 
-    if (cfg.out.empty()) {  // the same on every rank: rank 0's clock
-      const auto now = group->gather({group->root() ? std::int64_t(std::time(nullptr)) : 0});
-      cfg.out = default_out(cfg, std::time_t(now[0]));
-    }
-    if (cfg.checkpoint_dir.empty()) cfg.checkpoint_dir = cfg.out + "/checkpoints";
-    session.out = cfg.out;
-    session.checkpoint_dir = cfg.checkpoint_dir;
-    if (!resume) session.replaces_unsaved_start = check_fresh(session);
-    SSMX_REQUIRE(cfg.curriculum_start <= cfg.context, UsageError, "--curriculum-start ", cfg.curriculum_start,
-                 " exceeds --context ", cfg.context);
-
-    Data data(cfg);  // reads and checks the data; fills cfg.vocab
-    data.open_eval_file(cfg);
-    group->check_same_flags(rank_flags(cfg, session, resume));
-    return dispatch(presets, cfg, data, session, *group);
+      if (cfg.out.empty()) cfg.out = default_out(cfg, std::time_t(now[0]));
+      if (cfg.checkpoint_dir.empty()) cfg.checkpoint_dir = cfg.out + "/checkpoints";
+      session.out = cfg.out;
+      session.checkpoint_dir = cfg.checkpoint_dir;
+      if (!resume) session.replaces_unsaved_start = check_fresh(session);
+      SSMX_REQUIRE(cfg.curriculum_start <= cfg.context, UsageError, "--curriculum-start ", cfg.curriculum_start,
+                   " exceeds --context ", cfg.context);
+      data.emplace(cfg);  // reads and checks the data; fills cfg.vocab
+      data->open_eval_file(cfg);
+    });
+    if (setup) return setup;
+    if (const int flags = agree([&] { group->check_same_flags(rank_flags(cfg, session, resume)); })) return flags;
+    return dispatch(presets, cfg, *data, session, *group);
   } catch (const std::exception& e) {
-    const int code = dynamic_cast<const UsageError*>(&e) ? 2 : 1;
-    const bool distributed = group && group->distributed();
+    const bool distributed = group->distributed();
     std::fprintf(stderr, "train: error: %s%s\n", distributed ? (group->who() + ": ").c_str() : "", e.what());
-    if (distributed) group->abort(code);  // the other ranks may wait in a collective
-    return code;
+    if (distributed) group->abort(exit_code(e));  // the other ranks may wait in a collective
+    return exit_code(e);
   }
 }
 

@@ -62,8 +62,10 @@
 #   dist-mismatch ranks given different flags (--seed) fail on start, naming the flag and
 #                 writing nothing; --resume with another number of ranks or another --dist
 #                 fails naming both values and changes nothing.
-#   dist-expect-error RANKS REGEX ARGS...
-#                 as expect-error, under mpiexec with RANKS ranks.
+#   dist-expect-error RANKS LINES REGEX ARGS...
+#                 as expect-error, under mpiexec with RANKS ranks: a failure at set-up,
+#                 agreed by the ranks: LINES lines `train: error: ...` (1 when every rank
+#                 failed alike), and the job ends without MPI_Abort.
 #   dist-layer-eval -- GENERATE
 #                 --eval-data under --dist layer (the ranks evaluate each window together)
 #                 gives one process's loss; GENERATE --run reads the run's checkpoint parts
@@ -564,6 +566,18 @@ PY
     [ $rc -ne 0 ] && grep -Eq -- '--optimizer differs between the ranks \(rank [01] of 2 has "(sgd|adamw)"\); start every' M5.log ||
       fail "the message does not name --optimizer and the rank's value"
     ! grep -E -- '--optimizer differs.*[0-9]{10}' M5.log || fail "the message shows hashes"
+    ! grep -q MPI_ABORT M0.log M5.log || fail "ranks with different flags ended the job with MPI_Abort"
+    # One rank alone cannot read its data: it says so, the other waits for nothing, and
+    # the job ends with the data error's status, not through MPI_Abort.
+    rc=0
+    "${mpi[0]}" "${mpi[1]}" 1 "${mpi[@]:2}" "$train" --dist data --out M --data "text:$src/README.md" --context 32 : \
+      "${mpi[1]}" 1 "$train" --dist data --out M --data text:nowhere.txt --context 32 > M6.log 2>&1 || rc=$?
+    cat M6.log
+    [ $rc -eq 1 ] || fail "a rank without its data: exit status $rc, not 1"
+    grep -Eq -- "^train: error: rank 1 of 2: byte file 'nowhere.txt': cannot open" M6.log ||
+      fail "rank 1 did not name its data file"
+    [ "$(grep -c '^train: error:' M6.log)" = 1 ] || fail "expected one error line, from rank 1"
+    ! grep -q MPI_ABORT M6.log || fail "a failure at set-up ended the job with MPI_Abort"
     [ ! -e M ] || fail "ranks that disagree wrote files: $(find M)"
     np 2 --dist data --out M --data recall --context 32 --steps 4 --until 2 --eval-every 0 > M1.log 2>&1 ||
       { cat M1.log; fail "first run failed"; }
@@ -609,13 +623,15 @@ PY
     echo "PASS"
     ;;
   dist-expect-error)
-    ranks=$1 regex=$2
-    shift 2
+    ranks=$1 lines=$2 regex=$3
+    shift 3
     rc=0
     np "$ranks" "$@" > out.log 2>&1 || rc=$?
     cat out.log
     [ $rc -ne 0 ] || fail "train $* on $ranks ranks succeeded"
     grep -Eq -- "$regex" out.log || fail "the message does not match: $regex"
+    [ "$(grep -c '^train: error:' out.log)" = "$lines" ] || fail "expected $lines line(s) 'train: error: ...'"
+    ! grep -q MPI_ABORT out.log || fail "a failure at set-up ended the job with MPI_Abort"
     [ -z "$(ls -A | grep -v '^out.log$' | grep -v '^.trainer_test$')" ] || fail "a failing run wrote files: $(ls -A)"
     echo "PASS"
     ;;
