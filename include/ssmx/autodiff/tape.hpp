@@ -304,6 +304,7 @@ void backward(const MatMul<L, R>& m, const Tape<MatMul<L, R>, S>& tape, TensorVi
 template <class T, Space S, class V, class Kind, class E>
 void backward(const Softmax<Kind, E>& s, const Tape<Softmax<Kind, E>, S>& tape, TensorView<const V, S> g,
               const GradTargets<T, S>& targets);
+
 template <class T, Space S, class V, class E>
 void backward(const CausalConv1d<E>& c, const Tape<CausalConv1d<E>, S>& tape, TensorView<const V, S> g,
               const GradTargets<T, S>& targets);
@@ -331,6 +332,37 @@ TensorView<T, S> target_grad(const Leaf<Stored, S>& l, const GradTargets<T, S>& 
     }
   }
   return {};
+}
+
+// A matrix product's operand that is a leaf (a parameter, or a slice of one) or a transposed
+// leaf (the x·Wᵀ of every linear map) receives its cotangent as one product added to its
+// gradient: gemm with beta 1 straight into the gradient (expr::run_assign), instead of the
+// product into a temporary and then a pass adding it. `direct()` is the cotangent of the
+// operand, `transposed()` its transpose (what the leaf under a Transpose receives), both as
+// products of views read in place. False when the operand is anything else.
+template <class E>
+struct is_leaf_operand : std::false_type {};
+template <class Stored, Space S>
+struct is_leaf_operand<Leaf<Stored, S>> : std::true_type {};
+template <class E>
+struct is_transposed_leaf_operand : std::false_type {};
+template <class Stored, Space S>
+struct is_transposed_leaf_operand<Transpose<Leaf<Stored, S>>> : std::true_type {};
+
+template <class T, Space S, class E, class Direct, class Transposed>
+bool add_product_to_leaf_grad(const E& e, const GradTargets<T, S>& targets, Direct direct, Transposed transposed) {
+  if constexpr (is_leaf_operand<E>::value) {
+    TensorView<T, S> grad = target_grad(e, targets);
+    if (grad.data()) accumulate(grad, direct());
+    return true;
+  } else if constexpr (is_transposed_leaf_operand<E>::value) {
+    TensorView<T, S> grad = target_grad(e.child, targets);
+    if (grad.data()) accumulate(grad, transposed());
+    return true;
+  } else {
+    (void)e, (void)targets, (void)direct, (void)transposed;
+    return false;
+  }
 }
 
 template <class T, Space S, class Stored>
@@ -460,13 +492,22 @@ void backward(const ReduceAll<Op, E>& r, const Tape<ReduceAll<Op, E>, S>& tape, 
 template <class T, Space S, class V, class L, class R>
 void backward(const MatMul<L, R>& m, const Tape<MatMul<L, R>, S>& tape, TensorView<const V, S> g,
               const GradTargets<T, S>& targets) {
-  if (needs_grad(m.lhs, targets)) {  // dL/dA = G Bᵀ
-    Tensor<V, S> ga = eval(ssmx::matmul(g, transpose(tape.rhs.value())), Tag::Workspace);
-    backward(m.lhs, tape.lhs, TensorView<const V, S>(ga.view()), targets);
+  const auto a = tape.lhs.value(), b = tape.rhs.value();
+  if (needs_grad(m.lhs, targets)) {  // dL/dA = G Bᵀ; A = Xᵀ: dL/dX = B Gᵀ
+    if (!add_product_to_leaf_grad(
+            m.lhs, targets, [&] { return ssmx::matmul(g, transpose(b)); },
+            [&] { return ssmx::matmul(b, transpose(g)); })) {
+      Tensor<V, S> ga = eval(ssmx::matmul(g, transpose(b)), Tag::Workspace);
+      backward(m.lhs, tape.lhs, TensorView<const V, S>(ga.view()), targets);
+    }
   }
-  if (needs_grad(m.rhs, targets)) {  // dL/dB = Aᵀ G
-    Tensor<V, S> gb = eval(ssmx::matmul(transpose(tape.lhs.value()), g), Tag::Workspace);
-    backward(m.rhs, tape.rhs, TensorView<const V, S>(gb.view()), targets);
+  if (needs_grad(m.rhs, targets)) {  // dL/dB = Aᵀ G; B = Wᵀ: dL/dW = Gᵀ A
+    if (!add_product_to_leaf_grad(
+            m.rhs, targets, [&] { return ssmx::matmul(transpose(a), g); },
+            [&] { return ssmx::matmul(transpose(g), a); })) {
+      Tensor<V, S> gb = eval(ssmx::matmul(transpose(a), g), Tag::Workspace);
+      backward(m.rhs, tape.rhs, TensorView<const V, S>(gb.view()), targets);
+    }
   }
 }
 

@@ -9,7 +9,10 @@
 #pragma once
 
 #include <array>
+#include <cstddef>
 #include <memory>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "nodes.hpp"
@@ -469,6 +472,30 @@ TensorView<const typename E::value_type, S> gemm_operand(const E& e, EvalContext
   return materialize(e, ctx);
 }
 
+template <class E>
+struct is_matmul : std::false_type {};
+template <class L, class R>
+struct is_matmul<MatMul<L, R>> : std::true_type {};
+
+// Whether the memory spans of two views (first to last element, by strides) intersect.
+template <class A, class B, Space S>
+bool overlaps(const TensorView<A, S>& a, const TensorView<B, S>& b) {
+  auto span = [](const auto& v) {
+    const auto* p = reinterpret_cast<const unsigned char*>(v.data());
+    std::ptrdiff_t lo = 0, hi = 0;
+    for (int i = 0; i < v.rank(); ++i) {
+      if (v.extent(i) == 0) return std::make_pair(p, p);
+      const std::ptrdiff_t d = std::ptrdiff_t((v.extent(i) - 1) * v.stride(i));
+      (d < 0 ? lo : hi) += d;
+    }
+    const std::ptrdiff_t size = std::ptrdiff_t(sizeof(*v.data()));
+    return std::make_pair(p + lo * size, p + (hi + 1) * size);
+  };
+  const auto [a0, a1] = span(a);
+  const auto [b0, b1] = span(b);
+  return a0 < b1 && b0 < a1;
+}
+
 template <class L, class R, Space S>
 struct Evaluator<MatMul<L, R>, S> : ViewReader<typename L::value_type, typename L::value_type> {
   using V = typename L::value_type;
@@ -581,6 +608,18 @@ void run_assign(TensorView<T, S> out, const E& e, bool accumulate) {
   SSMX_REQUIRE(fits, ShapeError, "assign: an expression of shape ", ed.str(), " cannot be written to a tensor of shape ",
                od.str());
   EvalContext<S> ctx;
+  if constexpr (is_matmul<E>::value && S == Space::Host && std::is_same_v<T, typename E::value_type>) {
+    // A product written to (or added to) a whole row-major matrix that neither operand
+    // overlaps: gemm writes it there (beta 1 to add), with no temporary and no extra pass.
+    if (ed.rank == 2 && od.rank == 2 && ed[0] == od[0] && ed[1] == od[1] && out.stride(1) == 1 &&
+        out.stride(0) == out.extent(1)) {
+      auto a = gemm_operand(e.lhs, ctx), b = gemm_operand(e.rhs, ctx);
+      if (!overlaps(a, out) && !overlaps(b, out)) {
+        backend::Exec<S>::gemm(a, b, out, accumulate ? T(1) : T(0));
+        return;
+      }
+    }
+  }
   auto ev = make_evaluator(e, ctx, pad_extents(out.dims()));
   backend::Exec<S>::run(out, ev, accumulate);
 }

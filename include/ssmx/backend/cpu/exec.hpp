@@ -128,10 +128,12 @@ struct Exec<Space::Host> {
       auto C = as_eigen(cb);
       with_matrix(ab, [&](const auto& A) {
         with_matrix(bb, [&](const auto& B) {
-          if (beta == V(0))
+          if (beta == V(0)) {
             C.noalias() = A * B;
-          else
-            C = beta * C + A * B;
+          } else {  // accumulated by the kernel into C: no temporary for A·B
+            if (beta != V(1)) C *= beta;
+            C.noalias() += A * B;
+          }
         });
       });
     };
