@@ -410,6 +410,26 @@ def blas_in_use(threads=None):
 # ---- benchmark --------------------------------------------------------------------------------
 
 
+def time_training_step(model, step, x, tgt, runs, dev):
+    """The best of `runs` timed forward + backward passes (seconds) and the last loss;
+    CUDA work is synchronised around each, and the device's peak memory counted from here."""
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
+    best, loss = math.inf, None
+    for _ in range(runs):
+        model.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        loss = step(x, tgt)
+        loss.backward()
+        if cuda:
+            torch.cuda.synchronize(dev)
+        best = min(best, time.perf_counter() - t0)
+    return best, loss
+
+
 def bench(args):
     if args.compile and not hasattr(torch, "compile"):
         sys.exit(f"--compile needs torch.compile (PyTorch >= 2.0); this is torch {torch.__version__}")
@@ -424,26 +444,11 @@ def bench(args):
                   chunk=args.chunk, tile=args.tile, conv=args.conv).init_(args.seed).to(dev)
     step = torch.compile(model) if args.compile else model
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize(dev)
-
     for T in args.T:
         x, tgt = tokens(T, args.vocab)
         x, tgt = x.to(dev), tgt.to(dev)
-        best = math.inf
-        loss = None
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(dev)
         try:
-            for _ in range(args.warmup + args.repeats):
-                model.zero_grad(set_to_none=True)
-                sync()
-                t0 = time.perf_counter()
-                loss = step(x, tgt)
-                loss.backward()
-                sync()
-                best = min(best, time.perf_counter() - t0)
+            best, loss = time_training_step(model, step, x, tgt, args.warmup + args.repeats, dev)
         except torch.cuda.OutOfMemoryError:
             line = {"name": "pytorch_mamba_throughput", "kind": "oom", "T": T, "device": str(dev),
                     "compile": args.compile}

@@ -58,14 +58,14 @@ import math
 import os
 import resource
 import sys
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mamba import blas_in_use, counts, read_safetensors, rms_norm, softplus, tokens  # noqa: E402
+from mamba import (blas_in_use, counts, read_safetensors, rms_norm, softplus,  # noqa: E402
+                   time_training_step, tokens)
 
 NORM_EPS = 1e-5
 DEFAULT_CHUNK = 64
@@ -303,26 +303,11 @@ def bench(args):
     step = torch.compile(model) if args.compile else model
     heads = args.expand * args.D // args.headdim
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize(dev)
-
     for T in args.T:
         x, tgt = tokens(T, args.vocab)
         x, tgt = x.to(dev), tgt.to(dev)
-        best = math.inf
-        loss = None
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(dev)
         try:
-            for _ in range(args.warmup + args.repeats):
-                model.zero_grad(set_to_none=True)
-                sync()
-                t0 = time.perf_counter()
-                loss = step(x, tgt)
-                loss.backward()
-                sync()
-                best = min(best, time.perf_counter() - t0)
+            best, loss = time_training_step(model, step, x, tgt, args.warmup + args.repeats, dev)
         except torch.cuda.OutOfMemoryError:
             line = {"name": "pytorch_mamba2_throughput", "kind": "oom", "T": T, "device": str(dev),
                     "compile": args.compile}

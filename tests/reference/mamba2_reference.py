@@ -568,22 +568,8 @@ def write_config(path, content):
 def write_reference(path, p32, input_ids, targets, cfg, description):
     """reference.safetensors: inputs, float64 logits, loss and gradients."""
     logits, loss, grads = loss_and_grads(p32, input_ids, targets, cfg)
-    ref = OrderedDict()
-    ref["input_ids"] = input_ids
-    ref["targets"] = targets
-    ref["logits"] = logits
-    ref["loss"] = loss.reshape(1)
-    for k, g in grads.items():
-        ref["grad." + k] = g
-    ref_meta = OrderedDict([
-        ("format", "pt"),
-        ("description", description),
-        ("generator", "tests/reference/mamba2_reference.py"),
-    ])
-    save_safetensors(path, ref, ref_meta)
-    rback, _ = load_safetensors(path)
-    assert list(rback.keys()) == list(ref.keys()) and all(torch.equal(rback[k], ref[k]) for k in ref)
-    return logits, loss
+    return m1.save_reference(path, input_ids, targets, logits, loss, grads, description,
+                             "tests/reference/mamba2_reference.py")
 
 
 def describe(cfg):

@@ -545,6 +545,13 @@ def _write_ss_config(path, cfg):
 def write_reference(path, p32, input_ids, targets, cfg, description):
     """reference.safetensors: inputs, float64 logits, loss and gradients."""
     logits, loss, grads = loss_and_grads(p32, input_ids, targets, cfg)
+    return save_reference(path, input_ids, targets, logits, loss, grads, description,
+                          "tests/reference/mamba_reference.py")
+
+
+def save_reference(path, input_ids, targets, logits, loss, grads, description, generator):
+    """Writes reference.safetensors (input_ids, targets, logits, loss, grad.<name>) and reads
+    it back to check it; returns (logits, loss)."""
     ref = OrderedDict()
     ref["input_ids"] = input_ids
     ref["targets"] = targets
@@ -555,11 +562,11 @@ def write_reference(path, p32, input_ids, targets, cfg, description):
     ref_meta = OrderedDict([
         ("format", "pt"),
         ("description", description),
-        ("generator", "tests/reference/mamba_reference.py"),
+        ("generator", generator),
     ])
     save_safetensors(path, ref, ref_meta)
     rback, _ = load_safetensors(path)
-    assert all(torch.equal(rback[k], ref[k]) for k in ref)
+    assert list(rback.keys()) == list(ref.keys()) and all(torch.equal(rback[k], ref[k]) for k in ref)
     return logits, loss
 
 
