@@ -2,7 +2,7 @@
 // matrix viewed as a TensorView. Both directions alias the same memory.
 #pragma once
 
-#include <Eigen/Core>
+#include "eigen_core.hpp"
 
 #include "tensor.hpp"
 

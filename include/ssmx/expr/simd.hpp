@@ -8,7 +8,7 @@
 // Private header: include <ssmx/expr/expr.hpp>.
 #pragma once
 
-#include <Eigen/Core>
+#include "../core/eigen_core.hpp"
 #include <limits>
 #include <type_traits>
 

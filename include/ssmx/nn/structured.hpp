@@ -25,7 +25,7 @@
 // Private header: include <ssmx/nn/model.hpp>.
 #pragma once
 
-#include <Eigen/Core>
+#include "../core/eigen_core.hpp"
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

@@ -3,7 +3,7 @@
 // Private header: include <ssmx/ssmx.hpp>.
 #pragma once
 
-#include <Eigen/Core>
+#include "../../core/eigen_core.hpp"
 #include <algorithm>
 #include <vector>
 #if defined(_OPENMP)
