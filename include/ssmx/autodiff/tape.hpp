@@ -61,6 +61,8 @@ using expr::Leaf;
 using expr::MatMul;
 using expr::Reduce;
 using expr::ReduceAll;
+using expr::Reshape;
+using expr::RmsNormalize;
 using expr::Softmax;
 using expr::Transpose;
 using expr::Unary;
@@ -206,6 +208,22 @@ struct Tape<BroadcastTo<E>, S> : NodeTape<BroadcastTo<E>, S> {
   }
 };
 
+// The child's value viewed with the new extents (copied first when it is not contiguous).
+template <class E, Space S>
+struct Tape<Reshape<E>, S> {
+  using V = typename E::value_type;
+  Tape<E, S> child;
+  Tensor<V, S> copy_;  // the child's value, when that is not contiguous
+  Dims shape;
+  explicit Tape(const Reshape<E>& r) : child(r.child), shape(r.shape) {
+    if (!child.value().is_contiguous()) copy_ = eval(Leaf<V, S>(child.value()), Tag::Workspace);
+  }
+  TensorView<const V, S> value() const {
+    const TensorView<const V, S> v = copy_.empty() ? child.value() : copy_.view();
+    return TensorView<const V, S>(v.data(), shape);
+  }
+};
+
 template <class Op, class E, Space S>
 struct Tape<Reduce<Op, E>, S> : NodeTape<Reduce<Op, E>, S> {
   Tape<E, S> child;
@@ -241,6 +259,15 @@ struct Tape<Softmax<Kind, E>, S> : NodeTape<Softmax<Kind, E>, S> {
   explicit Tape(const Softmax<Kind, E>& s) : child(s.child) {
     using ChildV = typename E::value_type;
     this->value_ = eval(Softmax<Kind, Leaf<ChildV, S>>(Leaf<ChildV, S>(child.value())), Tag::Workspace);
+  }
+};
+
+template <class E, Space S>
+struct Tape<RmsNormalize<E>, S> : NodeTape<RmsNormalize<E>, S> {
+  using V = typename E::value_type;
+  Tape<E, S> child;
+  explicit Tape(const RmsNormalize<E>& r) : child(r.child) {
+    this->value_ = eval(RmsNormalize<Leaf<V, S>>(Leaf<V, S>(child.value()), r.eps), Tag::Workspace);
   }
 };
 
@@ -295,6 +322,9 @@ void backward(const BroadcastTo<E>& b, const Tape<BroadcastTo<E>, S>& tape, Tens
 template <class T, Space S, class V, class Op, class E>
 void backward(const Reduce<Op, E>& r, const Tape<Reduce<Op, E>, S>& tape, TensorView<const V, S> g,
               const GradTargets<T, S>& targets);
+template <class T, Space S, class V, class E>
+void backward(const Reshape<E>& r, const Tape<Reshape<E>, S>& tape, TensorView<const V, S> g,
+              const GradTargets<T, S>& targets);
 template <class T, Space S, class V, class Op, class E>
 void backward(const ReduceAll<Op, E>& r, const Tape<ReduceAll<Op, E>, S>& tape, TensorView<const V, S> g,
               const GradTargets<T, S>& targets);
@@ -307,6 +337,9 @@ void backward(const Softmax<Kind, E>& s, const Tape<Softmax<Kind, E>, S>& tape, 
 
 template <class T, Space S, class V, class E>
 void backward(const CausalConv1d<E>& c, const Tape<CausalConv1d<E>, S>& tape, TensorView<const V, S> g,
+              const GradTargets<T, S>& targets);
+template <class T, Space S, class V, class E>
+void backward(const RmsNormalize<E>& r, const Tape<RmsNormalize<E>, S>& tape, TensorView<const V, S> g,
               const GradTargets<T, S>& targets);
 
 
@@ -454,6 +487,19 @@ void backward(const Transpose<E>& t, const Tape<Transpose<E>, S>& tape, TensorVi
   if (needs_grad(t.child, targets)) backward(t.child, tape.child, swap_last(g), targets);
 }
 
+// The cotangent viewed with the child's extents (copied first when it is not contiguous).
+template <class T, Space S, class V, class E>
+void backward(const Reshape<E>& r, const Tape<Reshape<E>, S>& tape, TensorView<const V, S> g,
+              const GradTargets<T, S>& targets) {
+  if (!needs_grad(r.child, targets)) return;
+  if (g.is_contiguous()) {
+    backward(r.child, tape.child, TensorView<const V, S>(g.data(), r.child.dims()), targets);
+  } else {
+    Tensor<V, S> gc = eval(Leaf<V, S>(g), Tag::Workspace);
+    backward(r.child, tape.child, TensorView<const V, S>(gc.data(), r.child.dims()), targets);
+  }
+}
+
 template <class T, Space S, class V, class E>
 void backward(const BroadcastTo<E>& b, const Tape<BroadcastTo<E>, S>& tape, TensorView<const V, S> g,
               const GradTargets<T, S>& targets) {
@@ -523,6 +569,18 @@ void backward(const Softmax<Kind, E>& s, const Tape<Softmax<Kind, E>, S>& tape, 
   else  // dx = y ⊙ (g - Σ g⊙y)
     gx = eval(y * (gl - ssmx::sum(gl * y, last, true)), Tag::Workspace);
   backward(s.child, tape.child, TensorView<const V, S>(gx.view()), targets);
+}
+
+// y = x ⊙ ρ, ρ = rsqrt(mean(x²) + eps) over the last axis:  dx = ρ ⊙ (g - y ⊙ mean(g ⊙ y)).
+template <class T, Space S, class V, class E>
+void backward(const RmsNormalize<E>& r, const Tape<RmsNormalize<E>, S>& tape, TensorView<const V, S> g,
+              const GradTargets<T, S>& targets) {
+  if (!needs_grad(r.child, targets)) return;
+  Leaf<V, S> x(tape.child.value()), y(tape.value()), gl(g);
+  Tensor<V, S> gx = eval(ssmx::rsqrt(ssmx::mean(ssmx::square(x), -1, true) + V(r.eps)) *
+                             (gl - y * ssmx::mean(gl * y, -1, true)),
+                         Tag::Workspace);
+  backward(r.child, tape.child, TensorView<const V, S>(gx.view()), targets);
 }
 
 // out[t] = b + Σ_j w_j ⊙ x[t + j] ⊙ m_j[t]:

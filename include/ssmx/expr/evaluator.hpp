@@ -438,10 +438,27 @@ struct Evaluator<Reduce<Op, E>, S> : ViewReader<typename E::value_type, typename
 
 // Materialises `e` into a contiguous temporary of ctx, unless it already is a contiguous
 // leaf of the compute type; returns a view either way.
+// Nodes whose evaluator computes into a fresh contiguous buffer: materialising one is
+// computing it, with no copy.
+template <class E>
+struct computes_buffer : std::false_type {};
+template <class L, class R>
+struct computes_buffer<MatMul<L, R>> : std::true_type {};
+template <class Kind, class E>
+struct computes_buffer<Softmax<Kind, E>> : std::true_type {};
+template <class E>
+struct computes_buffer<RmsNormalize<E>> : std::true_type {};
+template <class E>
+struct computes_buffer<CausalConv1d<E>> : std::true_type {};
+template <class E>
+struct computes_buffer<Reshape<E>> : std::true_type {};
+
 template <Space S, class E>
 TensorView<const typename E::value_type, S> materialize(const E& e, EvalContext<S>& ctx) {
   using V = typename E::value_type;
-  if constexpr (std::is_same_v<E, Leaf<V, S>>) {
+  if constexpr (computes_buffer<E>::value) {
+    return Evaluator<E, S>::compute(e, ctx);
+  } else if constexpr (std::is_same_v<E, Leaf<V, S>>) {
     if (e.view.is_contiguous()) return e.view;
   } else if constexpr (std::is_same_v<E, Transpose<Leaf<V, S>>>) {
     // A transposed contiguous matrix is read in place (column-major) by gemm.
@@ -568,6 +585,35 @@ struct Evaluator<CausalConv1d<E>, S> : ViewReader<typename E::value_type, typena
   }
   Evaluator(const CausalConv1d<E>& c, EvalContext<S>& ctx, const Ext4& view)
       : ViewReader<V, V>(compute(c, ctx), view) {}
+};
+
+template <class E, Space S>
+struct Evaluator<RmsNormalize<E>, S> : ViewReader<typename E::value_type, typename E::value_type> {
+  using V = typename E::value_type;
+  static TensorView<const V, S> compute(const RmsNormalize<E>& r, EvalContext<S>& ctx) {
+    TensorView<const V, S> x = materialize(r.child, ctx);
+    Tensor<V, S>& y = ctx.template temp<V>(x.dims());
+    ssmx::assign(y.view(), leaf(x) * ssmx::rsqrt(ssmx::mean(ssmx::square(leaf(x)), -1, true) + V(r.eps)));
+    return y.view();
+  }
+  Evaluator(const RmsNormalize<E>& r, EvalContext<S>& ctx, const Ext4& view)
+      : ViewReader<V, V>(compute(r, ctx), view) {}
+};
+
+template <class E, Space S>
+struct Evaluator<Reshape<E>, S> : ViewReader<typename E::value_type, typename E::value_type> {
+  using V = typename E::value_type;
+  // The child in a contiguous buffer (a contiguous leaf in place), viewed with the new extents.
+  static TensorView<const V, S> compute(const Reshape<E>& r, EvalContext<S>& ctx) {
+    if constexpr (!std::is_same_v<E, Transpose<Leaf<V, S>>>) {  // materialize reads that one strided
+      return TensorView<const V, S>(materialize(r.child, ctx).data(), r.shape);
+    } else {
+      Tensor<V, S>& t = ctx.template temp<V>(r.child.dims());
+      ssmx::assign(t.view(), r.child);
+      return TensorView<const V, S>(t.data(), r.shape);
+    }
+  }
+  Evaluator(const Reshape<E>& r, EvalContext<S>& ctx, const Ext4& view) : ViewReader<V, V>(compute(r, ctx), view) {}
 };
 
 }  // namespace expr

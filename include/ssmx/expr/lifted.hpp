@@ -83,6 +83,10 @@ template <class Kind, class E>
 struct has_state<Softmax<Kind, E>> : has_state<E> {};
 template <class E>
 struct has_state<CausalConv1d<E>> : has_state<E> {};
+template <class E>
+struct has_state<Reshape<E>> : has_state<E> {};
+template <class E>
+struct has_state<RmsNormalize<E>> : has_state<E> {};
 template <class L, class R>
 struct has_state<MatMul<L, R>> : std::bool_constant<has_state<L>::value || has_state<R>::value> {};
 
@@ -162,6 +166,10 @@ template <class Kind, class E>
 struct state_reduce_count<Softmax<Kind, E>> : state_reduce_count<E> {};
 template <class E>
 struct state_reduce_count<CausalConv1d<E>> : state_reduce_count<E> {};
+template <class E>
+struct state_reduce_count<Reshape<E>> : state_reduce_count<E> {};
+template <class E>
+struct state_reduce_count<RmsNormalize<E>> : state_reduce_count<E> {};
 template <class L, class R>
 struct state_reduce_count<MatMul<L, R>>
     : std::integral_constant<int, state_reduce_count<L>::value + state_reduce_count<R>::value> {};
@@ -195,6 +203,10 @@ template <class Kind, class E>
 struct state_reduce<Softmax<Kind, E>> : state_reduce<E> {};
 template <class E>
 struct state_reduce<CausalConv1d<E>> : state_reduce<E> {};
+template <class E>
+struct state_reduce<Reshape<E>> : state_reduce<E> {};
+template <class E>
+struct state_reduce<RmsNormalize<E>> : state_reduce<E> {};
 template <class L, class R>
 struct state_reduce<MatMul<L, R>> {
   using type = first_non_void_t<typename state_reduce<L>::type, typename state_reduce<R>::type>;
@@ -232,6 +244,10 @@ struct StateReduceVisitor {
   static void go(const Softmax<Kind, E>& e, F& f) { go(e.child, f); }
   template <class F, class E>
   static void go(const CausalConv1d<E>& e, F& f) { go(e.child, f); }
+  template <class F, class E>
+  static void go(const Reshape<E>& e, F& f) { go(e.child, f); }
+  template <class F, class E>
+  static void go(const RmsNormalize<E>& e, F& f) { go(e.child, f); }
   template <class F, class L, class R>
   static void go(const MatMul<L, R>& e, F& f) {
     go(e.lhs, f);
@@ -300,6 +316,16 @@ struct SubstituteStateReduce {
   auto operator()(const CausalConv1d<E>& e) const {
     auto c = (*this)(e.child);
     return CausalConv1d<decltype(c)>(std::move(c), e.weight.view, e.bias.view, e.mask);
+  }
+  template <class E>
+  auto operator()(const Reshape<E>& e) const {
+    auto c = (*this)(e.child);
+    return Reshape<decltype(c)>(std::move(c), e.shape);
+  }
+  template <class E>
+  auto operator()(const RmsNormalize<E>& e) const {
+    auto c = (*this)(e.child);
+    return RmsNormalize<decltype(c)>(std::move(c), e.eps);
   }
   template <class L, class R>
   auto operator()(const MatMul<L, R>& e) const {

@@ -154,6 +154,22 @@ struct BroadcastTo : ExprBase<BroadcastTo<E>> {
   Dims dims() const { return shape; }
 };
 
+// The same elements, row-major, with other extents (NumPy reshape of a C-ordered array).
+// Materialised: the child is evaluated into a contiguous buffer (a contiguous leaf is read
+// in place) and viewed with the new extents.
+template <class E>
+struct Reshape : ExprBase<Reshape<E>> {
+  using value_type = typename E::value_type;
+  static constexpr int space_id = E::space_id;
+  E child;
+  Dims shape;
+  Reshape(E e, const Dims& d) : child(std::move(e)), shape(d) {
+    SSMX_REQUIRE(d.numel() == child.dims().numel(), ShapeError, "reshape: cannot reshape ", child.dims().str(), " (",
+                 child.dims().numel(), " elements) to ", d.str(), " (", d.numel(), " elements)");
+  }
+  Dims dims() const { return shape; }
+};
+
 // ---- reductions ------------------------------------------------------------------------
 
 // Reduces one axis with Op (SumReduce, MeanReduce, MaxReduce); keepdim leaves it as size 1.
@@ -230,6 +246,21 @@ struct Softmax : ExprBase<Softmax<Kind, E>> {
   E child;
   explicit Softmax(E e) : child(std::move(e)) {
     SSMX_REQUIRE(child.dims().rank >= 1, ShapeError, Kind::name, " needs rank >= 1");
+  }
+  Dims dims() const { return child.dims(); }
+};
+
+// x ⊙ rsqrt(mean(x², last axis) + eps): RMS normalisation over the last axis without a
+// weight (multiply by one outside). Materialised, so that x is evaluated once.
+template <class E>
+struct RmsNormalize : ExprBase<RmsNormalize<E>> {
+  using value_type = typename E::value_type;
+  static constexpr int space_id = E::space_id;
+  E child;
+  double eps;
+  RmsNormalize(E e, double epsilon) : child(std::move(e)), eps(epsilon) {
+    SSMX_REQUIRE(child.dims().rank >= 1, ShapeError, "rms_normalize needs rank >= 1");
+    SSMX_REQUIRE(eps > 0 && eps < 1e300, ValueError, "rms_normalize: eps is ", eps, ", expected a finite number > 0");
   }
   Dims dims() const { return child.dims(); }
 };
@@ -416,6 +447,10 @@ auto broadcast_to(const X& x, const Dims& d) {
   return expr::BroadcastTo<expr::expr_t<X>>(expr::as_expr(x), d);
 }
 template <class X, class = std::enable_if_t<expr::is_operand_v<X>>>
+auto reshape(const X& x, const Dims& d) {
+  return expr::Reshape<expr::expr_t<X>>(expr::as_expr(x), d);
+}
+template <class X, class = std::enable_if_t<expr::is_operand_v<X>>>
 auto sum(const X& x, int axis, bool keepdim = false) {
   return expr::Reduce<op::SumReduce, expr::expr_t<X>>(expr::as_expr(x), axis, keepdim);
 }
@@ -450,6 +485,12 @@ auto softmax(const X& x) {
 template <class X, class = std::enable_if_t<expr::is_operand_v<X>>>
 auto log_softmax(const X& x) {
   return expr::Softmax<expr::LogSoftmaxKind, expr::expr_t<X>>(expr::as_expr(x));
+}
+
+// x ⊙ rsqrt(mean(x², last axis) + eps); see RmsNormalize.
+template <class X, class = std::enable_if_t<expr::is_operand_v<X>>>
+auto rms_normalize(const X& x, double eps) {
+  return expr::RmsNormalize<expr::expr_t<X>>(expr::as_expr(x), eps);
 }
 
 // Causal depthwise convolution of x ([n + W - 1, C], halo rows first); see CausalConv1d.
