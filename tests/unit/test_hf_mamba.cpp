@@ -2,13 +2,10 @@
 // untied, in the Hugging Face and the state-spaces layouts, and matching their logits, loss
 // and gradients; exporting one back (host backend; needs nlohmann_json).
 #include "../support/test_support.hpp"
+#include "../support/model_checks.hpp"
 
 #if !SSMX_TEST_CUDA && __has_include(<nlohmann/json.hpp>)
 #include <ssmx/io/mamba.hpp>
-
-#ifndef SSMX_TEST_DATA_DIR
-#define SSMX_TEST_DATA_DIR "tests/data"
-#endif
 
 namespace test_hf_mamba {
 using namespace ssmx;
@@ -17,23 +14,10 @@ using namespace ssmx;
 template <class T>
 using TinyLM = nn::Model<nn::Mamba<T, 16, 4, 2, 4, 2>, 2>;
 
-inline std::string fixture(const std::string& name) { return std::string(SSMX_TEST_DATA_DIR) + "/" + name; }
-
-// Our parameter name -> the name in a checkpoint (and in its reference's grad.<name>).
-inline std::string name_in_file(const std::string& ours, bool state_spaces = false) {
-  if (ours == "embedding.weight") return state_spaces ? "backbone.embedding.weight" : "backbone.embeddings.weight";
-  if (ours == "lm_head.weight") return ours;
-  return "backbone." + ours;
-}
-
-// A [a, b] tensor as its [b, a] transpose.
-template <class T>
-Tensor<T> transposed(const Tensor<T>& t) {
-  Tensor<T> out(Dims{t.dims()[1], t.dims()[0]});
-  for (index_t i = 0; i < t.dims()[0]; ++i)
-    for (index_t j = 0; j < t.dims()[1]; ++j) out(j, i) = t(i, j);
-  return out;
-}
+using test::fixture;
+using test::name_in_file;
+using test::scaled_err;
+using test::transposed;
 
 inline std::vector<nn::token_t> read_ints(const io::SafetensorsFile& f, const std::string& name) {
   const std::vector<std::int64_t> v = f.read_int64(name);
@@ -47,18 +31,6 @@ struct Reference {
   std::vector<nn::token_t> x = read_ints(file, "input_ids"), y = read_ints(file, "targets");
   nn::Batch batch() const { return nn::Batch{x.data(), y.data(), 2, 24}; }
 };
-
-// max |a - b| over max |b|, per tensor.
-template <class T>
-double scaled_err(const Tensor<T>& a, const Tensor<double>& b) {
-  REQUIRE(a.dims() == b.dims());
-  double err = 0, scale = 0;
-  for (index_t i = 0; i < a.numel(); ++i) {
-    err = std::max(err, std::abs(double(a[i]) - b[i]));
-    scale = std::max(scale, std::abs(b[i]));
-  }
-  return err / scale;
-}
 
 // Loads fixture `dir` into a model of vocabulary `vocab` and compares logits, loss and every
 // gradient with the PyTorch reference (the head's gradient transposed back: the reference

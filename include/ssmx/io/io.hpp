@@ -9,4 +9,5 @@
 #include "hf.hpp"
 #include "json.hpp"
 #include "mamba.hpp"
+#include "mamba2.hpp"
 #include "safetensors.hpp"

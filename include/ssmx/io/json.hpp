@@ -108,14 +108,66 @@ struct JsonParseState {
   }
 };
 
+// Python's json module writes float('inf'), -inf and nan as the bare words Infinity,
+// -Infinity and NaN, which JSON does not have (Hugging Face configs hold
+// "time_step_limit": [0.0, Infinity]). Outside strings, each such word becomes a string
+// holding a marker that cannot come from the file's own strings (it starts with a NUL
+// byte, which a JSON string spells \u0000), turned back into the number while parsing.
+inline const std::string& python_literal_marker(int which) {  // 0: inf, 1: -inf, 2: nan
+  static const std::string m[3] = {std::string("\0ssmx:inf", 9), std::string("\0ssmx:-inf", 10),
+                                   std::string("\0ssmx:nan", 9)};
+  return m[which];
+}
+inline std::string mark_python_literals(const std::string& text) {
+  static const char* const words[3] = {"Infinity", "-Infinity", "NaN"};
+  static const char* const spelled[3] = {"\"\\u0000ssmx:inf\"", "\"\\u0000ssmx:-inf\"", "\"\\u0000ssmx:nan\""};
+  const auto word_char = [](char ch) {
+    return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || ch == '_' || ch == '.';
+  };
+  std::string out;
+  out.reserve(text.size());
+  bool in_string = false;
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    const char ch = text[i];
+    if (in_string) {
+      out += ch;
+      if (ch == '\\' && i + 1 < text.size()) {
+        out += text[++i];
+      } else if (ch == '"') {
+        in_string = false;
+      }
+      continue;
+    }
+    if (ch == '"') {
+      in_string = true;
+      out += ch;
+      continue;
+    }
+    bool replaced = false;
+    if (i == 0 || !word_char(text[i - 1]))
+      for (int w = 0; w < 3 && !replaced; ++w) {
+        const std::size_t len = std::char_traits<char>::length(words[w]);
+        if (text.compare(i, len, words[w]) == 0 && (i + len == text.size() || !word_char(text[i + len]))) {
+          out += spelled[w];
+          i += len - 1;
+          replaced = true;
+        }
+      }
+    if (!replaced) out += ch;
+  }
+  return out;
+}
+
 }  // namespace detail
 
 // Parses `text`, the content of `source` (a file name; `what` says which part of it, e.g.
 // "the header", or is empty for the whole file). IOError naming the source, the field and
 // the byte for invalid JSON, a number beyond a double, nesting deeper than `max_depth`, or
 // a key repeated within an object.
+// With `python_literals`, the words Infinity, -Infinity and NaN that Python's json module
+// writes for non-finite floats are read as those numbers (see read_config_json).
 inline nlohmann::json parse_json(const std::string& text, const std::string& source, const std::string& what = "",
-                                 int max_depth = max_json_depth) {
+                                 int max_depth = max_json_depth, bool python_literals = false) {
   using json = nlohmann::json;
   const std::string subject = (what.empty() ? std::string("the JSON") : what) + " ";  // "... nests deeper"
   const std::string is = what.empty() ? std::string() : what + " is ";                // "... not valid JSON"
@@ -148,11 +200,24 @@ inline nlohmann::json parse_json(const std::string& text, const std::string& sou
         }
         break;
       }
-      case json::parse_event_t::value: break;
+      case json::parse_event_t::value:
+        if (python_literals && parsed.is_string()) {
+          const std::string& v = parsed.get_ref<const std::string&>();
+          if (!v.empty() && v[0] == '\0') {
+            if (v == detail::python_literal_marker(0))
+              parsed = std::numeric_limits<double>::infinity();
+            else if (v == detail::python_literal_marker(1))
+              parsed = -std::numeric_limits<double>::infinity();
+            else if (v == detail::python_literal_marker(2))
+              parsed = std::numeric_limits<double>::quiet_NaN();
+          }
+        }
+        break;
     }
     return true;
   };
   try {
+    if (python_literals) return json::parse(detail::mark_python_literals(text), cb);
     return json::parse(text, cb);
   } catch (const json::parse_error& e) {
     throw IOError(detail::str(source, ": ", is, "not valid JSON: error at byte ", e.byte, of_what, where(), ": ",
@@ -166,6 +231,13 @@ inline nlohmann::json parse_json(const std::string& text, const std::string& sou
 // IOError naming the file when it cannot be read, is too large, or is not valid JSON.
 inline nlohmann::json read_json(const std::string& path, std::uint64_t max_bytes = max_json_bytes) {
   return parse_json(read_file_bounded(path, max_bytes), path);
+}
+
+// read_json for a model's config.json as Python writes it: the non-standard words
+// Infinity, -Infinity and NaN (Python's json.dump of float('inf') and nan) read as numbers.
+// Byte offsets in parse errors count the file with those words spelled as strings.
+inline nlohmann::json read_config_json(const std::string& path, std::uint64_t max_bytes = max_json_bytes) {
+  return parse_json(read_file_bounded(path, max_bytes), path, "", max_json_depth, true);
 }
 
 namespace detail {

@@ -140,9 +140,11 @@ inline bool has_any(const nlohmann::json& j, std::initializer_list<const char*> 
 inline MambaConfig read_mamba_config(const std::string& dir) {
   MambaConfig c;
   c.file = dir + "/config.json";
-  const nlohmann::json j = read_json(c.file);
+  const nlohmann::json j = read_config_json(c.file);
   SSMX_REQUIRE(j.is_object(), IOError, c.file, ": the file holds a JSON ", j.type_name(), ", expected an object");
   const detail::ConfigObject top{j, c.file, ""};
+  SSMX_REQUIRE(!(top.has("model_type") && j.at("model_type") == "mamba2"), IOError, c.file,
+               ": field \"model_type\" is \"mamba2\": a Mamba-2 model, which loads with io::load_mamba2");
   const bool hf = detail::has_any(j, {"hidden_size", "num_hidden_layers", "state_size", "model_type", "architectures",
                                       "tie_word_embeddings", "layer_norm_epsilon"});
   const bool ss = detail::has_any(j, {"d_model", "n_layer", "ssm_cfg", "pad_vocab_size_multiple", "tie_embeddings"});
@@ -173,7 +175,7 @@ inline MambaConfig read_mamba_config(const std::string& dir) {
                  detail::json_excerpt(j.at("ssm_cfg")), ", expected an object");
     static const nlohmann::json no_fields = nlohmann::json::object();
     const detail::ConfigObject ssm{top.has("ssm_cfg") ? j.at("ssm_cfg") : no_fields, c.file, "ssm_cfg."};
-    ssm.require<std::string>("layer", "Mamba1", "ssmx loads Mamba-1 blocks");
+    ssm.require<std::string>("layer", "Mamba1", "load_mamba loads Mamba-1 blocks; Mamba-2 loads with load_mamba2");
     c.d_state = ssm.size("d_state", 16, 1);
     c.d_conv = ssm.size("d_conv", 4, 1);
     c.expand = ssm.size("expand", 2, 1);

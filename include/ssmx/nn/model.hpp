@@ -27,6 +27,7 @@
 #include "../adjoint/strategy.hpp"
 #include "diagonal_ssm.hpp"
 #include "mamba.hpp"
+#include "mamba2.hpp"
 #include "embedding.hpp"
 #include "linear.hpp"
 #include "scan_layer.hpp"
