@@ -122,7 +122,8 @@ struct Config {
   std::int64_t until = 0, threads = 0;
   double minutes = 0.0;
   // not a flag: the names --model accepts (the presets the program registered, trainer.hpp)
-  std::vector<std::string> model_names{"diagonal-small", "diagonal-base", "mamba-tiny", "mamba-130m"};
+  std::vector<std::string> model_names{"diagonal-small", "diagonal-base", "mamba-tiny", "mamba-130m",
+                                        "mamba2-tiny",    "mamba2-130m"};
 
   std::vector<Field> fields() {
     const Limit positive = positive_limit(), nonneg = nonnegative_limit();

@@ -121,6 +121,15 @@ struct LayerInfo<nn::Mamba<U, D, N, E, W, R>> {
   }
 };
 
+template <class U, index_t D, index_t N, index_t P, index_t G, index_t E, index_t W>
+struct LayerInfo<nn::Mamba2<U, D, N, P, G, E, W>> {
+  static std::string describe() {
+    return "Mamba2 D=" + std::to_string(D) + " N=" + std::to_string(N) + " headdim=" + std::to_string(P) +
+           " heads=" + std::to_string(E * D / P) + " groups=" + std::to_string(G) + " expand=" + std::to_string(E) +
+           " conv=" + std::to_string(W);
+  }
+};
+
 // ---- optimiser, schedule, strategy ---------------------------------------------------------
 
 using Optimizer = std::variant<ssmx::AdamW<T>, ssmx::SGD<T>>;

@@ -3,7 +3,7 @@
 #
 #   trainer_test.sh MODE TRAIN WORK SOURCE_DIR [ARGS...]
 #
-#   resume-recall | resume-text | resume-tokens | resume-custom (TRAIN: train_custom)
+#   resume-recall | resume-text [MODEL] | resume-tokens | resume-custom (TRAIN: train_custom)
 #       run A: 2N steps in one go; run B: stopped after step N + 1, its last checkpoint
 #       (N + 1) deleted as if it crashed before saving, then --resume: B's metrics must hold
 #       the same losses as A's, byte for byte, for every step.
@@ -49,7 +49,7 @@
 # (the executable, its process-count flag, then flags such as --oversubscribe); most run
 # 2 ranks:
 #
-#   dist-data | dist-layer | dist-sequence  -- FLAGS...
+#   dist-data | dist-layer | dist-sequence  -- [MODEL]   (MODEL: mamba-tiny by default)
 #       run S: one process; run A: 2N steps on 2 ranks; run B: 2 ranks stopped after step
 #       N + 1, rank 0's part of checkpoint N + 1 and `latest` deleted (as if the job died
 #       while saving: the other ranks' parts stay), then resumed on 2 ranks. B's losses
@@ -491,15 +491,15 @@ PY
     echo "PASS"
     ;;
   dist-data)
-    dist_test data --data "text:$src/README.md" --model mamba-tiny --strategy truncated --window 16 --context 32 \
+    dist_test data --data "text:$src/README.md" --model "${1:-mamba-tiny}" --strategy truncated --window 16 --context 32 \
       --batch 4 --val-fraction 0.1 --eval-tokens 256
     ;;
   dist-layer)
-    dist_test layer --data "text:$src/README.md" --model mamba-tiny --chunk 8 --context 32 --batch 2 \
+    dist_test layer --data "text:$src/README.md" --model "${1:-mamba-tiny}" --chunk 8 --context 32 --batch 2 \
       --val-fraction 0.1 --eval-tokens 256
     ;;
   dist-sequence)
-    dist_test sequence --data "text:$src/README.md" --model mamba-tiny --chunk 8 --context 32 --batch 2 \
+    dist_test sequence --data "text:$src/README.md" --model "${1:-mamba-tiny}" --chunk 8 --context 32 --batch 2 \
       --val-fraction 0.1 --eval-tokens 256
     ;;
   dist-sigint)
@@ -645,7 +645,7 @@ PY
     grep -q -- "--model TEXT:{gated-small}" help.log || fail "--help does not list the custom preset"
     ;;
   resume-text)
-    resume_test 3 --data "text:$src/README.md" --model mamba-tiny --strategy truncated --window 16 --context 32 \
+    resume_test 3 --data "text:$src/README.md" --model "${1:-mamba-tiny}" --strategy truncated --window 16 --context 32 \
       --batch 2 --val-fraction 0.1 --eval-tokens 256
     ;;
   resume-tokens)

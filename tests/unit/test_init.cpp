@@ -38,5 +38,7 @@ TEST_CASE("init: a fresh model starts within 5 percent of ln(vocab) for every tr
   check_starts_at_chance<nn::DiagonalSSM<float, 256, 16>, 8>("diagonal-base (and the README's model)");
   check_starts_at_chance<nn::Mamba<float, 64, 16, 2, 4>, 2>("mamba-tiny");
   check_starts_at_chance<nn::Mamba<float, 768, 16, 2, 4>, 24>("mamba-130m");
+  check_starts_at_chance<nn::Mamba2<float, 64, 16, 16, 1, 2, 4>, 2>("mamba2-tiny");
+  check_starts_at_chance<nn::Mamba2<float, 768, 128, 64, 1, 2, 4>, 24>("mamba2-130m");
 }
 #endif
