@@ -6,6 +6,9 @@
 //   mamba-130m  Model<Mamba<float, 768, 16, 2, 4, 48>, 24>: Mamba-130m's shapes (d_model
 //               768, 24 layers, d_state 16, expand 2, d_conv 4, dt_rank 48), state
 //               S = 1536·16 per token and layer; Adjoint stores K·768 floats per token
+//   mamba2-130m Model<Mamba2<float, 768, 128, 64, 1, 2, 4>, 24>: mamba2-130m's shapes
+//               (d_model 768, 24 layers, d_state 128, headdim 64: 24 heads, one group),
+//               state S = 24·64·128 = 196,608 per token and layer (8 times Mamba-1's)
 // vocab 256 unless --vocab. Tokens: x_t = (7t + 3) mod vocab, target_t = x_{t+1}.
 //
 // Napkin math, bytes per token (float, K = 8 layers):
@@ -51,6 +54,7 @@ using namespace bench_util;
 using ssmx::index_t;
 using Diagonal = ssmx::nn::Model<ssmx::nn::DiagonalSSM<float, 256, 16>, 8>;
 using Mamba130m = ssmx::nn::Model<ssmx::nn::Mamba<float, 768, 16, 2, 4, 48>, 24>;
+using Mamba2_130m = ssmx::nn::Model<ssmx::nn::Mamba2<float, 768, 128, 64, 1, 2, 4>, 24>;
 
 struct Options : CommonOptions {
   std::string model = "diagonal";
@@ -62,8 +66,8 @@ struct Options : CommonOptions {
 
 void add_options(CLI::App& app, Options& o) {
   add_common_options(app, o);
-  app.add_option("--model", o.model, "diagonal (DiagonalSSM P=256 N=16 K=8) or mamba-130m")
-      ->check(CLI::IsMember({"diagonal", "mamba-130m"}))
+  app.add_option("--model", o.model, "diagonal (DiagonalSSM P=256 N=16 K=8), mamba-130m or mamba2-130m")
+      ->check(CLI::IsMember({"diagonal", "mamba-130m", "mamba2-130m"}))
       ->capture_default_str();
   app.add_option("--budget-gib", o.budget_gib,
                  "report per strategy the largest T whose peak fits X GiB (affine fit); verify it by a run "
@@ -271,6 +275,8 @@ int main(int argc, char** argv) {
   try {
     if (o.model == "mamba-130m")
       bench_memory::Bench<bench_memory::Mamba130m>(o).run();
+    else if (o.model == "mamba2-130m")
+      bench_memory::Bench<bench_memory::Mamba2_130m>(o).run();
     else
       bench_memory::Bench<bench_memory::Diagonal>(o).run();
   } catch (const std::exception& e) {

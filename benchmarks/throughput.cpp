@@ -3,7 +3,9 @@
 //
 // 1. Main model (--model diagonal): Model<DiagonalSSM<float, 256, 16>, 8>, vocab 256, tied
 //    head, batch 1 (the shape of bench_memory); --model mamba: Model<Mamba<float, 256, 16,
-//    2, 4, 16>, 4> (the shape of benchmarks/reference/mamba.py). One forward_backward step
+//    2, 4, 16>, 4> (the shape of benchmarks/reference/mamba.py); --model mamba2:
+//    Model<Mamba2<float, 256, 64, 64, 1, 2, 4>, 4> (D 256, N 64, headdim 64: 8 heads, one
+//    group; the shape of benchmarks/reference/mamba2.py). One forward_backward step
 //    per (scan path, strategy, T); reports tokens/s and µs per token. Adjoint's cost is
 //    linear in T, so µs/token stays flat. --scan picks the scan paths (materialised, fused,
 //    structured: nn/scan_layer.hpp), each timed in the same run.
@@ -27,7 +29,7 @@
 // two cores the ceiling is ~6,000 tokens/s; tokens_per_s / 6,000 is the engine's fraction.
 //
 // Output: JSON lines on stdout and in --out:
-//   {"name":"throughput"|"throughput_mamba","strategy","T","batch","P","N","K","vocab",
+//   {"name":"throughput"|"throughput_mamba"|"throughput_mamba2","strategy","T","batch","P","N","K","vocab",
 //    "chunk"|"window","threads","scan","seconds","tokens_per_s","us_per_token","loss","peak_bytes"}
 //   {"name":"throughput_paper", ... the same for the small model, "max_rel_grad_diff"}
 //   {"name":..., "kind":"skipped", "reason", "predicted_seconds", "predicted_peak_bytes"}
@@ -58,6 +60,7 @@ using ssmx::index_t;
 
 using MainNet = ssmx::nn::Model<ssmx::nn::DiagonalSSM<float, 256, 16>, 8>;
 using MambaNet = ssmx::nn::Model<ssmx::nn::Mamba<float, 256, 16, 2, 4, 16>, 4>;
+using Mamba2Net = ssmx::nn::Model<ssmx::nn::Mamba2<float, 256, 64, 64, 1, 2, 4>, 4>;
 using SmallNet = ssmx::nn::Model<ssmx::nn::DiagonalSSM<float, 64, 16>, 1>;
 using DumpNet = ssmx::nn::Model<ssmx::nn::DiagonalSSM<double, 16, 4>, 2>;
 
@@ -82,8 +85,10 @@ void add_options(CLI::App& app, Options& o) {
   app.add_option("--dump", o.dump_dir, "only write the double-precision gradient dump for compare.py to DIR")
       ->type_name("DIR");
   add_count(app, "--dump-T", o.dump_T, "sequence length of the dump");
-  app.add_option("--model", o.model, "main model: diagonal (DiagonalSSM P=256 N=16 K=8) or mamba (Mamba D=256 K=4)")
-      ->check(CLI::IsMember({"diagonal", "mamba"}))
+  app.add_option("--model", o.model,
+                 "main model: diagonal (DiagonalSSM P=256 N=16 K=8), mamba (Mamba D=256 K=4) or mamba2 (Mamba2 D=256 "
+                 "N=64 headdim=64 K=4)")
+      ->check(CLI::IsMember({"diagonal", "mamba", "mamba2"}))
       ->capture_default_str();
   app.add_option("--scan", o.scans, "scan paths to time, comma-separated: materialised, fused, structured")
       ->delimiter(',')
@@ -185,6 +190,8 @@ class Bench {
   void main_model() {
     if (opt_.model == "mamba")
       main_model<MambaNet>(256, 16, 4);
+    else if (opt_.model == "mamba2")
+      main_model<Mamba2Net>(256, 64, 4);
     else
       main_model<MainNet>(256, 16, 8);
   }
@@ -199,7 +206,7 @@ class Bench {
       cfg.structured = scan == "structured";
       Net net(cfg);
       time_step(net, 256, opt_.vocab, ssmx::Adjoint{}, 1);  // warm-up: first touch, thread pool
-      const std::string name = opt_.model == "mamba" ? "throughput_mamba" : "throughput";
+      const std::string name = opt_.model == "diagonal" ? "throughput" : "throughput_" + opt_.model;
       const std::string tail = ",\"scan\":\"" + scan + "\"";
       for (const auto& s : opt_.strategies) {
         std::vector<double> x, secs, peaks;
