@@ -8,7 +8,7 @@
 // The model: --run DIR, a training run's directory (train --out): its latest checkpoint,
 // the preset and vocabulary of its saved config, found in `presets` by name (under --dist
 // layer the checkpoint's parts are read too); or --hf DIR, a Hugging Face / state-spaces
-// Mamba checkpoint, into the first of the presets' Mamba shapes that fits its config.json
+// Mamba or Mamba-2 checkpoint, into the first of the presets' shapes of its kind that fits its config.json
 // (the shapes are template arguments: another one fails naming the field and the values
 // this program has).
 //
@@ -71,25 +71,26 @@ inline std::unique_ptr<Generator> open_run(const Presets& presets, const std::st
   return p->open(saved, files);
 }
 
-// --hf DIR: a public Mamba checkpoint, in the first of the presets' Mamba shapes that fits.
-inline std::unique_ptr<Generator> open_hf(const Presets& presets, const std::string& dir, std::string& what) {
-  std::error_code ec;
-  SSMX_REQUIRE(fs::is_directory(dir, ec), UsageError, "--hf ", dir, ": does not exist or is not a directory");
-  const ssmx::io::MambaConfig c = ssmx::io::read_mamba_config(dir);
-  using Shape = Presets::MambaShape;
+namespace detail {
+// One config field a model shape must match: our name for it, the config's value, and the
+// shape's member.
+template <class Shape>
+struct ShapeField {
+  const char* ours;
+  index_t value;
+  index_t Shape::*member;
+};
+
+// The first of `shapes` whose fields all equal the config's; else a ValueError naming the
+// first field no remaining shape matches and the values the program has.
+template <class Shape, class Cfg, std::size_t F>
+const Shape& fit_shape(const std::vector<Shape>& shapes, const Cfg& c, const ShapeField<Shape> (&fields)[F],
+                       const char* family, const std::string& dir) {
   std::vector<const Shape*> fit;
-  for (const auto& s : presets.mamba_shapes()) fit.push_back(&s);
-  SSMX_REQUIRE(!fit.empty(), ssmx::ValueError, "--hf ", dir, ": this program has no Mamba model shape");
-  struct ShapeField {
-    const char* ours;
-    index_t value;
-    index_t Shape::*member;
-  };
-  const ShapeField fields[] = {{"d_model", c.d_model, &Shape::d_model}, {"n_layer", c.n_layer, &Shape::n_layer},
-                          {"d_state", c.d_state, &Shape::d_state}, {"expand", c.expand, &Shape::expand},
-                          {"d_conv", c.d_conv, &Shape::d_conv},    {"dt_rank", c.dt_rank, &Shape::dt_rank}};
+  for (const auto& s : shapes) fit.push_back(&s);
+  SSMX_REQUIRE(!fit.empty(), ssmx::ValueError, "--hf ", dir, ": this program has no ", family, " model shape");
   bool first = true;
-  for (const ShapeField& f : fields) {
+  for (const ShapeField<Shape>& f : fields) {
     std::vector<const Shape*> next;
     for (const Shape* s : fit)
       if (s->*f.member == f.value) next.push_back(s);
@@ -97,16 +98,58 @@ inline std::unique_ptr<Generator> open_hf(const Presets& presets, const std::str
       std::vector<std::string> have;
       for (const Shape* s : fit) have.push_back(std::to_string(s->*f.member) + " (" + s->name + ")");
       throw ssmx::ValueError(ssmx::detail::str(
-          c.file, ": field \"", c.field(f.ours), "\" is ", f.value, ", but this program's Mamba models",
+          c.file, ": field \"", c.field(f.ours), "\" is ", f.value, ", but this program's ", family, " models",
           first ? "" : " that match the fields before it", " have ", c.field(f.ours), " ", join(have, ", "),
           "; model shapes are template arguments: register another with train::Presets::add_checkpoint_shape"));
     }
     fit = next;
     first = false;
   }
-  what = "Mamba checkpoint " + dir + " (shape of " + fit[0]->name + ", vocab " + std::to_string(c.vocab) +
+  return *fit[0];
+}
+
+// Whether dir/config.json describes a Mamba-2 model (Hugging Face model_type "mamba2", or
+// state-spaces ssm_cfg.layer "Mamba2"); a file that cannot be read is left to the loaders.
+inline bool is_mamba2_config(const std::string& dir) {
+  try {
+    const nlohmann::json j = ssmx::io::read_config_json(dir + "/config.json");
+    if (!j.is_object()) return false;
+    if (j.contains("model_type") && j["model_type"] == "mamba2") return true;
+    return j.contains("ssm_cfg") && j["ssm_cfg"].is_object() && j["ssm_cfg"].contains("layer") &&
+           j["ssm_cfg"]["layer"] == "Mamba2";
+  } catch (const ssmx::Error&) {
+    return false;
+  }
+}
+}  // namespace detail
+
+// --hf DIR: a public Mamba or Mamba-2 checkpoint, in the first of the presets' shapes of its
+// kind that fits.
+inline std::unique_ptr<Generator> open_hf(const Presets& presets, const std::string& dir, std::string& what) {
+  std::error_code ec;
+  SSMX_REQUIRE(fs::is_directory(dir, ec), UsageError, "--hf ", dir, ": does not exist or is not a directory");
+  if (detail::is_mamba2_config(dir)) {
+    const ssmx::io::Mamba2Config c = ssmx::io::read_mamba2_config(dir);
+    using Shape = Presets::Mamba2Shape;
+    const detail::ShapeField<Shape> fields[] = {
+        {"d_model", c.d_model, &Shape::d_model},   {"n_layer", c.n_layer, &Shape::n_layer},
+        {"d_state", c.d_state, &Shape::d_state},   {"head_dim", c.head_dim, &Shape::head_dim},
+        {"n_groups", c.n_groups, &Shape::n_groups}, {"expand", c.expand, &Shape::expand},
+        {"d_conv", c.d_conv, &Shape::d_conv}};
+    const Shape& s = detail::fit_shape(presets.mamba2_shapes(), c, fields, "Mamba-2", dir);
+    what = "Mamba-2 checkpoint " + dir + " (shape of " + s.name + ", vocab " + std::to_string(c.vocab) +
+           (c.tie_embeddings ? ", tied head)" : ", untied head)");
+    return s.open(dir, c);
+  }
+  const ssmx::io::MambaConfig c = ssmx::io::read_mamba_config(dir);
+  using Shape = Presets::MambaShape;
+  const detail::ShapeField<Shape> fields[] = {{"d_model", c.d_model, &Shape::d_model}, {"n_layer", c.n_layer, &Shape::n_layer},
+                                              {"d_state", c.d_state, &Shape::d_state}, {"expand", c.expand, &Shape::expand},
+                                              {"d_conv", c.d_conv, &Shape::d_conv},    {"dt_rank", c.dt_rank, &Shape::dt_rank}};
+  const Shape& s = detail::fit_shape(presets.mamba_shapes(), c, fields, "Mamba", dir);
+  what = "Mamba checkpoint " + dir + " (shape of " + s.name + ", vocab " + std::to_string(c.vocab) +
          (c.tie_embeddings ? ", tied head)" : ", untied head)");
-  return fit[0]->open(dir, c);
+  return s.open(dir, c);
 }
 
 // "1,2,3" -> ids; a usage error naming the flag and the entry that is not one.
@@ -140,6 +183,9 @@ inline int generate_main(int argc, char** argv, const Presets& presets) {
   std::vector<std::string> shapes;
   for (const auto& s : presets.mamba_shapes())
     shapes.push_back(s.name + " (d_model " + std::to_string(s.d_model) + ", " + std::to_string(s.n_layer) + " layers)");
+  for (const auto& s : presets.mamba2_shapes())
+    shapes.push_back(s.name + " (Mamba-2, d_model " + std::to_string(s.d_model) + ", " + std::to_string(s.n_layer) +
+                     " layers)");
   CLI::App app{"Continue a prompt with a trained model: a training run's latest checkpoint or a public Mamba "
                "checkpoint; see the comment at the top of examples/train/generate.hpp"};
   app.get_formatter()->column_width(30);
@@ -148,7 +194,7 @@ inline int generate_main(int argc, char** argv, const Presets& presets) {
                  "a training run's directory (train --out DIR): its latest checkpoint, with the preset and vocabulary "
                  "the run used");
   app.add_option("--hf", hf_dir,
-                 "a Hugging Face or state-spaces Mamba checkpoint directory (config.json, model.safetensors) of one "
+                 "a Hugging Face or state-spaces Mamba or Mamba-2 checkpoint directory (config.json, model.safetensors) of one "
                  "of these shapes: " + join(shapes, ", "));
   app.add_option("--prompt", prompt_text, "the prompt as text: its bytes are the tokens (byte-level models, vocab 256)");
   app.add_option("--prompt-ids", prompt_ids, "the prompt as token ids, e.g. 1,2,3");

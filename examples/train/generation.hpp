@@ -27,6 +27,7 @@
 #include <ssmx/io/checkpoint.hpp>
 #include <ssmx/io/json.hpp>
 #include <ssmx/io/mamba.hpp>
+#include <ssmx/io/mamba2.hpp>
 #include <ssmx/io/safetensors.hpp>
 #include <ssmx/nn/evaluate.hpp>
 #include <ssmx/nn/model.hpp>

@@ -876,6 +876,26 @@ std::unique_ptr<Generator> open_mamba_checkpoint(const std::string& dir, const s
   return std::make_unique<ModelGenerator<LM>>(std::move(model));
 }
 
+// The shape of a Mamba-2 layer type, for matching a Hugging Face / state-spaces config.
+template <class Layer>
+struct Mamba2ShapeOf {
+  static constexpr bool value = false;
+};
+template <index_t D, index_t N, index_t P, index_t G, index_t E, index_t W>
+struct Mamba2ShapeOf<nn::Mamba2<T, D, N, P, G, E, W>> {
+  static constexpr bool value = true;
+  static constexpr index_t d_model = D, d_state = N, head_dim = P, n_groups = G, expand = E, d_conv = W;
+};
+
+// A public Mamba-2 checkpoint (io/mamba2.hpp) in a model of <Layer, K>, as above.
+template <class Layer, index_t K>
+std::unique_ptr<Generator> open_mamba2_checkpoint(const std::string& dir, const ssmx::io::Mamba2Config& c) {
+  using LM = nn::Model<Layer, K, ssmx::Space::Host>;
+  auto model = std::make_unique<LM>(typename LM::Config{c.vocab, c.tie_embeddings, 0});
+  ssmx::io::load_mamba2(*model, dir);
+  return std::make_unique<ModelGenerator<LM>>(std::move(model));
+}
+
 // The models a trainer program offers: --model NAME picks one. Each preset compiles the
 // whole training loop for its layer type, so register only the ones the program needs.
 // The same list serves generation (train/generate.hpp): a run's saved preset name finds its
@@ -899,15 +919,30 @@ class Presets {
     CheckpointOpener open;
   };
 
-  // A Mamba shape for checkpoints only (no training preset), e.g. a test fixture's.
+  // A Mamba-2 model shape; the fields as io::Mamba2Config's.
+  using Checkpoint2Opener = std::unique_ptr<Generator> (*)(const std::string& dir, const ssmx::io::Mamba2Config&);
+  struct Mamba2Shape {
+    std::string name;
+    index_t d_model, n_layer, d_state, head_dim, n_groups, expand, d_conv;
+    Checkpoint2Opener open;
+  };
+
+  // A Mamba or Mamba-2 shape for checkpoints only (no training preset), e.g. a test fixture's.
   template <class Layer, index_t K>
   Presets& add_checkpoint_shape(const std::string& name) {
-    using S = MambaShapeOf<Layer>;
-    static_assert(S::value, "train::Presets::add_checkpoint_shape: Layer must be nn::Mamba<float, ...>");
-    shapes_.push_back({name, S::d_model, K, S::d_state, S::expand, S::d_conv, S::dt_rank, &open_mamba_checkpoint<Layer, K>});
+    if constexpr (Mamba2ShapeOf<Layer>::value) {
+      using S = Mamba2ShapeOf<Layer>;
+      shapes2_.push_back({name, S::d_model, K, S::d_state, S::head_dim, S::n_groups, S::expand, S::d_conv,
+                          &open_mamba2_checkpoint<Layer, K>});
+    } else {
+      using S = MambaShapeOf<Layer>;
+      static_assert(S::value, "train::Presets::add_checkpoint_shape: Layer must be nn::Mamba<float, ...> or nn::Mamba2<float, ...>");
+      shapes_.push_back({name, S::d_model, K, S::d_state, S::expand, S::d_conv, S::dt_rank, &open_mamba_checkpoint<Layer, K>});
+    }
     return *this;
   }
   const std::vector<MambaShape>& mamba_shapes() const { return shapes_; }
+  const std::vector<Mamba2Shape>& mamba2_shapes() const { return shapes2_; }
 
   // Layer: a layer type as nn::Model takes it, with float parameters on the host; K: the
   // number of layers. The description goes into the log (default: d_model and the state).
@@ -918,7 +953,7 @@ class Presets {
     SSMX_REQUIRE(!find(name), ssmx::ValueError, "train::Presets::add: preset '", name, "' is registered twice");
     list_.push_back({name, description.empty() ? LayerInfo<Layer>::describe() : description, &run<Layer, K>,
                      &open_run_model<Layer, K>, K});
-    if constexpr (MambaShapeOf<Layer>::value) add_checkpoint_shape<Layer, K>(name);
+    if constexpr (MambaShapeOf<Layer>::value || Mamba2ShapeOf<Layer>::value) add_checkpoint_shape<Layer, K>(name);
     return *this;
   }
   const Preset* find(const std::string& name) const {
@@ -936,6 +971,7 @@ class Presets {
  private:
   std::vector<Preset> list_;
   std::vector<MambaShape> shapes_;
+  std::vector<Mamba2Shape> shapes2_;
 };
 
 inline int dispatch(const Presets& presets, Config& cfg, Data& data, const Session& session, Group& group) {

@@ -1,5 +1,6 @@
-// Fuzz target: the input is a JSON file, read three ways: as a checkpoint's config.json
-// (read_mamba_config, then checked against a compiled model), as a
+// Fuzz target: the input is a JSON file, read four ways: as a checkpoint's config.json
+// (read_mamba_config and read_mamba2_config, each then checked against a compiled model;
+// both read Python's Infinity / NaN words), as a
 // model.safetensors.index.json (its shard names resolved in a directory holding one small
 // shard, "a.safetensors", with tensor "a"), and through parse_json and json_excerpt.
 #include <cstdint>
@@ -15,6 +16,7 @@
 namespace {
 
 using TinyLM = ssmx::nn::Model<ssmx::nn::Mamba<float, 16, 4, 2, 4, 2>, 2>;
+using Tiny2LM = ssmx::nn::Model<ssmx::nn::Mamba2<float, 16, 4, 4, 1, 2, 4>, 2>;
 
 // A directory with config.json -> the memory file, and a.safetensors.
 struct Setup {
@@ -43,11 +45,18 @@ struct Setup {
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   static Setup setup;
   static TinyLM model({32, true, 0});
+  static Tiny2LM model2({32, true, 0});
   setup.file.set(data, size);
   try {
     const auto c = ssmx::io::read_mamba_config(setup.dir);
     (void)c.field("d_model");
     ssmx::io::check_mamba_config(c, model);
+  } catch (const ssmx::Error&) {
+  }
+  try {
+    const auto c = ssmx::io::read_mamba2_config(setup.dir);
+    (void)c.field("head_dim");
+    ssmx::io::check_mamba2_config(c, model2);
   } catch (const ssmx::Error&) {
   }
   try {

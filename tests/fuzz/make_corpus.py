@@ -63,6 +63,11 @@ def safetensors_seeds():
     return seeds
 
 
+def read(fixture):
+    with open(os.path.join(HERE, "..", "data", fixture, "config.json"), "rb") as f:
+        return f.read()
+
+
 def config_seeds():
     hf = json.load(open(os.path.join(HERE, "..", "data", "mamba_tiny", "config.json")))
     ss = json.load(open(os.path.join(HERE, "..", "data", "mamba_untied_ss", "config.json")))
@@ -78,6 +83,12 @@ def config_seeds():
         "nested.json": b'{"d_model": 16, "ssm_cfg": {"x": ' + b"[" * 30 + b"]" * 30 + b"}}",
         "eps_zero.json": json.dumps(dict(hf, layer_norm_epsilon=0)).encode(),
         "bad_utf8.json": b'{"hidden_size": 16, "name": "caf\xc3\x28"}',
+        # Mamba-2, as the fixtures have them (Python's Infinity in time_step_limit), and the
+        # other non-finite words.
+        "hf_mamba2.json": read("mamba2_tiny"),
+        "hf_mamba2_groups.json": read("mamba2_groups"),
+        "state_spaces_mamba2.json": read("mamba2_ss"),
+        "nonfinite.json": b'{"model_type": "mamba2", "hidden_size": 16, "time_step_limit": [-Infinity, NaN], "x": "Infinity"}',
     }
     return seeds
 
