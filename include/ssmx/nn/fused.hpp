@@ -5,7 +5,7 @@
 // [tokens, state...] above their broadcasts), and the readout must read the state h only
 // inside ONE sum or mean over a state axis of a liftable tree:
 //     readout = rest(reduce(lifted(h, operands...)), ...)
-// DiagonalSSM, Mamba, the example GatedSSM and any layer written in that vocabulary
+// DiagonalSSM, Mamba, Mamba2, the example GatedSSM and any layer written in that vocabulary
 // satisfy it. A layer that does not (a max over the state, h inside a matmul, two
 // reductions of h) takes the materialised path of scan_layer.hpp; so does a layer that
 // declares `static constexpr bool fused = false`. Fused::value says which one a layer gets.

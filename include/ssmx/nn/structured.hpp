@@ -7,8 +7,9 @@
 //   inject   x^t[p] * β^t[n]     a product of two operands, one constant along N, one along P
 //   readout  Σ_n h^t[p, n] c^t[n] (a sum or mean over N of the state times an operand
 //                                constant along P)
-// DiagonalSSM and the example GatedSSM have it. With log-decays accumulated inside a chunk
-// of L tokens, A^t[n] = Σ_{j ≤ t} log a^j[n] (restarted at document starts),
+// DiagonalSSM and the example GatedSSM have it (Mamba2's state, [H, P, N] with one decay per
+// head, is not of this rank-2 shape: it takes the fused scan). With log-decays accumulated
+// inside a chunk of L tokens, A^t[n] = Σ_{j ≤ t} log a^j[n] (restarted at document starts),
 //   y^t[p]   = Σ_{s ≤ t} M[t, s] x^s[p] + Σ_n c^t[n] e^{A^t[n]} h0[p, n]
 //   M[t, s]  = Σ_n c^t[n] β^s[n] e^{A^t[n] - A^s[n]}          (exponents <= 0: no overflow)
 //   h_end    = e^{A^end} ⊙ h0 + Σ_s e^{A^end - A^s} β^s x^s ⊗
