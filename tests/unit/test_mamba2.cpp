@@ -28,8 +28,8 @@ using test::Tokens;
 template <class T, index_t G = 1>
 using FixtureLM = nn::Model<nn::Mamba2<T, 16, 4, 4, G, 2, 4>, 2>;
 // A smaller model for the strategy and packing checks: D 6, N 3, head_dim 3 (4 heads), G 2.
-template <class T, index_t G = 2, index_t K = 2>
-using SmallLM = nn::Model<nn::Mamba2<T, 6, 3, 3, G, 2, 4>, K>;
+template <class T>
+using SmallLM = nn::Model<nn::Mamba2<T, 6, 3, 3, 2, 2, 4>, 2>;
 constexpr index_t vocab = 11;
 
 }  // namespace test_mamba2
@@ -144,8 +144,9 @@ TEST_CASE("mamba2: model gradients match central differences in double") {
 }
 
 TEST_CASE("mamba2: every strategy and both scan paths give the Backprop gradient") {
-  // Chunk lengths shorter than the convolution window, and lengths no chunk divides.
-  SmallLM<double, 2, 3> m({vocab, false, 8});
+  // Chunk lengths shorter than the convolution window, and lengths no chunk divides. (The
+  // paper's formula, exact for one layer only, is checked on other layers: test_model.)
+  SmallLM<double> m({vocab, false, 8});
   perturb(m, 9);
   const index_t len = 23;
   Tokens d(2, len, 10);
@@ -173,15 +174,11 @@ TEST_CASE("mamba2: every strategy and both scan paths give the Backprop gradient
   // The materialised path gives the same numbers.
   nn::ModelConfig cfg{vocab, false, 8};
   cfg.fused = false;
-  SmallLM<double, 2, 3> mm(cfg);
+  SmallLM<double> mm(cfg);
   perturb(mm, 9);
   nn::reset_scan_counts();
   CHECK(rel_diff(grads_of(mm, batch, Adjoint{5, 2}), gb) < 1e-12);
   CHECK(nn::scan_counts().fused == 0);
-  // One layer: the paper's formula is exact there.
-  SmallLM<double, 1, 1> one({vocab, true, 11});
-  perturb(one, 12);
-  CHECK(rel_diff(grads_of(one, batch, PaperAdjoint{}), grads_of(one, batch, Backprop{})) < 1e-12);
 }
 
 TEST_CASE("mamba2: packed documents give the gradients of each document alone") {
@@ -197,7 +194,7 @@ TEST_CASE("mamba2: a sequence split into two calls gives the one-call loss and g
 }
 
 TEST_CASE("mamba2: initial-state gradients match central differences") {
-  SmallLM<double, 1> m({vocab, true, 17});
+  SmallLM<double> m({vocab, true, 17});
   perturb(m, 18);
   test::check_initial_state_gradients(m);
 }
@@ -281,10 +278,14 @@ void check_against_reference(double tol, const std::string& dir, bool tied, bool
   };
   check(Adjoint{13, 4}, "Adjoint{13, 4}");
   check(Adjoint{5, 2}, "Adjoint{5, 2}");
-  check(Adjoint{4, 3}, "Adjoint{4, 3}");
-  check(Backprop{}, "Backprop");
-  check(Checkpointed{}, "Checkpointed");
-  check(TruncatedAdjoint{13, 3}, "TruncatedAdjoint{13, 3}");
+  // The other strategies in double only: float tests the arithmetic, which they share (and
+  // each strategy instantiated for another model type costs compile time).
+  if constexpr (std::is_same_v<T, double>) {
+    check(Adjoint{4, 3}, "Adjoint{4, 3}");
+    check(Backprop{}, "Backprop");
+    check(Checkpointed{}, "Checkpointed");
+    check(TruncatedAdjoint{13, 3}, "TruncatedAdjoint{13, 3}");
+  }
 }
 }  // namespace test_mamba2
 
