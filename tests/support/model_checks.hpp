@@ -58,6 +58,28 @@ std::vector<double> grads_of(M& m, const nn::Batch& b, const Strategy& s, double
   return flat_grads(m);
 }
 
+// The gradient `strategy` gives every parameter tensor of `m` (sampled, 12 entries each)
+// against central differences of evaluate()'s loss, in double; more than 100 entries checked.
+template <class M, class Strategy>
+void check_parameter_gradients(M& m, const nn::Batch& batch, const Strategy& strategy) {
+  m.zero_grad();
+  m.forward_backward(batch, strategy);
+  std::vector<Tensor<double>*> params;
+  std::vector<const Tensor<double>*> grads;
+  for (auto* p : m.parameters()) {
+    params.push_back(&p->value);
+    grads.push_back(&p->grad);
+  }
+  GradcheckOptions o;
+  o.max_checks = 12;
+  o.rtol = 1e-5;
+  o.atol = 1e-8;
+  const auto r = check_gradients([&] { return m.evaluate(batch, 4).loss; }, params, grads, o);
+  INFO(r.worst);
+  CHECK(r.ok);
+  CHECK(r.checked > 100);
+}
+
 // ‖a - b‖ / ‖b‖.
 inline double rel_diff(const std::vector<double>& a, const std::vector<double>& b) {
   REQUIRE(a.size() == b.size());

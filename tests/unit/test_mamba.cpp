@@ -60,23 +60,7 @@ TEST_CASE("mamba: model gradients match central differences in double") {
   const index_t len = 9;
   Tokens d(2, len, 5);
   d.y[3] = -1;
-  const nn::Batch batch = d.batch(2, len);
-  m.zero_grad();
-  m.forward_backward(batch, Backprop{});
-  std::vector<Tensor<double>*> params;
-  std::vector<const Tensor<double>*> grads;
-  for (auto* p : m.parameters()) {
-    params.push_back(&p->value);
-    grads.push_back(&p->grad);
-  }
-  GradcheckOptions o;
-  o.max_checks = 12;
-  o.rtol = 1e-5;
-  o.atol = 1e-8;
-  const auto r = check_gradients([&] { return m.evaluate(batch, 4).loss; }, params, grads, o);
-  INFO(r.worst);
-  CHECK(r.ok);
-  CHECK(r.checked > 100);
+  test::check_parameter_gradients(m, d.batch(2, len), Backprop{});
 }
 
 TEST_CASE("mamba: Adjoint equals Backprop with chunks shorter than the convolution window") {

@@ -124,22 +124,7 @@ TEST_CASE("mamba2: model gradients match central differences in double") {
       CHECK(std::abs(both - lower) > 1e-6);
       CHECK(std::abs(both - upper) > 1e-6);
     }
-    m.zero_grad();
-    m.forward_backward(batch, Adjoint{4, 2});
-    std::vector<Tensor<double>*> params;
-    std::vector<const Tensor<double>*> grads;
-    for (auto* p : m.parameters()) {
-      params.push_back(&p->value);
-      grads.push_back(&p->grad);
-    }
-    GradcheckOptions o;
-    o.max_checks = 12;
-    o.rtol = 1e-5;
-    o.atol = 1e-8;
-    const auto r = check_gradients([&] { return m.evaluate(batch, 4).loss; }, params, grads, o);
-    INFO(r.worst);
-    CHECK(r.ok);
-    CHECK(r.checked > 100);
+    test::check_parameter_gradients(m, batch, Adjoint{4, 2});
   }
 }
 

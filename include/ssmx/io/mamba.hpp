@@ -44,6 +44,13 @@ namespace ssmx::io {
 
 enum class MambaLayout { hugging_face, state_spaces };
 
+namespace detail {
+// The embedding's tensor name in a checkpoint of `layout`.
+inline const char* embedding_name(MambaLayout layout) {
+  return layout == MambaLayout::hugging_face ? "backbone.embeddings.weight" : "backbone.embedding.weight";
+}
+}  // namespace detail
+
 struct MambaConfig {
   std::string file;  // the config.json it came from
   MambaLayout layout = MambaLayout::hugging_face;
@@ -68,9 +75,7 @@ struct MambaConfig {
     return "?";
   }
   // The embedding's tensor name in this layout.
-  const char* embedding_name() const {
-    return layout == MambaLayout::hugging_face ? "backbone.embeddings.weight" : "backbone.embedding.weight";
-  }
+  const char* embedding_name() const { return detail::embedding_name(layout); }
 };
 
 // Largest value accepted for a size in a config (vocabulary, widths, layer count): token
@@ -130,6 +135,39 @@ inline bool has_any(const nlohmann::json& j, std::initializer_list<const char*> 
   return false;
 }
 
+// A config.json as an object, and its layout (`hf_class` and `family` name the model in the
+// message when neither layout's fields are there).
+inline nlohmann::json read_mamba_family_config(const std::string& file, MambaLayout& layout, const char* hf_class,
+                                               const char* family) {
+  nlohmann::json j = read_config_json(file);
+  SSMX_REQUIRE(j.is_object(), IOError, file, ": the file holds a JSON ", j.type_name(), ", expected an object");
+  const bool hf = has_any(j, {"hidden_size", "num_hidden_layers", "state_size", "model_type", "architectures",
+                              "tie_word_embeddings", "layer_norm_epsilon"});
+  const bool ss = has_any(j, {"d_model", "n_layer", "ssm_cfg", "pad_vocab_size_multiple", "tie_embeddings"});
+  SSMX_REQUIRE(hf || ss, IOError, file, ": field \"hidden_size\" (Hugging Face ", hf_class,
+               ") or \"d_model\" (state-spaces/mamba) is missing: not a ", family, " config");
+  layout = hf ? MambaLayout::hugging_face : MambaLayout::state_spaces;
+  return j;
+}
+
+// The top-level checks of a state-spaces config (RMSNorm blocks, no MLP, no attention) and
+// its vocabulary padded up to pad_vocab_size_multiple (8 when absent, mamba_ssm's default).
+inline index_t state_spaces_vocab(const ConfigObject& top, index_t vocab) {
+  const nlohmann::json& j = top.obj;
+  top.require<bool>("rms_norm", true, "ssmx's blocks use RMSNorm");
+  top.require<index_t>("d_intermediate", 0, "ssmx's blocks have no MLP");
+  if (top.has("attn_layer_idx"))
+    SSMX_REQUIRE(j.at("attn_layer_idx").is_array() && j.at("attn_layer_idx").empty(), IOError, top.file,
+                 ": field \"attn_layer_idx\" is ", json_excerpt(j.at("attn_layer_idx")),
+                 ", expected [] (ssmx's model has no attention layers)");
+  const index_t pad = top.size("pad_vocab_size_multiple", 8, 1);
+  const index_t padded = (vocab + pad - 1) / pad * pad;
+  SSMX_REQUIRE(padded <= max_mamba_config_size, IOError, top.file, ": field \"vocab_size\" ", vocab,
+               " padded to a multiple of pad_vocab_size_multiple = ", pad, " is ", padded, ", more than ",
+               max_mamba_config_size);
+  return padded;
+}
+
 }  // namespace detail
 
 // Reads dir/config.json in either layout and validates every value it uses (sizes positive
@@ -140,18 +178,11 @@ inline bool has_any(const nlohmann::json& j, std::initializer_list<const char*> 
 inline MambaConfig read_mamba_config(const std::string& dir) {
   MambaConfig c;
   c.file = dir + "/config.json";
-  const nlohmann::json j = read_config_json(c.file);
-  SSMX_REQUIRE(j.is_object(), IOError, c.file, ": the file holds a JSON ", j.type_name(), ", expected an object");
+  const nlohmann::json j = detail::read_mamba_family_config(c.file, c.layout, "MambaForCausalLM", "Mamba");
+  const bool hf = c.layout == MambaLayout::hugging_face;
   const detail::ConfigObject top{j, c.file, ""};
   SSMX_REQUIRE(!(top.has("model_type") && j.at("model_type") == "mamba2"), IOError, c.file,
                ": field \"model_type\" is \"mamba2\": a Mamba-2 model, which loads with io::load_mamba2");
-  const bool hf = detail::has_any(j, {"hidden_size", "num_hidden_layers", "state_size", "model_type", "architectures",
-                                      "tie_word_embeddings", "layer_norm_epsilon"});
-  const bool ss = detail::has_any(j, {"d_model", "n_layer", "ssm_cfg", "pad_vocab_size_multiple", "tie_embeddings"});
-  SSMX_REQUIRE(hf || ss, IOError, c.file,
-               ": field \"hidden_size\" (Hugging Face MambaForCausalLM) or \"d_model\" (state-spaces/mamba) is "
-               "missing: not a Mamba config");
-  c.layout = hf ? MambaLayout::hugging_face : MambaLayout::state_spaces;
   c.vocab = top.size("vocab_size");
   if (hf) {
     c.d_model = top.size("hidden_size");
@@ -184,18 +215,7 @@ inline MambaConfig read_mamba_config(const std::string& dir) {
     c.use_conv_bias = ssm.get<bool>("conv_bias", true);
     c.norm_eps = top.get<double>("norm_epsilon", 1e-5);
     c.tie_embeddings = top.get<bool>("tie_embeddings", true);
-    top.require<bool>("rms_norm", true, "ssmx's blocks use RMSNorm");
-    top.require<index_t>("d_intermediate", 0, "ssmx's blocks have no MLP");
-    if (top.has("attn_layer_idx"))
-      SSMX_REQUIRE(j.at("attn_layer_idx").is_array() && j.at("attn_layer_idx").empty(), IOError, c.file,
-                   ": field \"attn_layer_idx\" is ", detail::json_excerpt(j.at("attn_layer_idx")),
-                   ", expected [] (ssmx's model has no attention layers)");
-    const index_t pad = top.size("pad_vocab_size_multiple", 8, 1);  // mamba_ssm's MambaConfig default
-    const index_t padded = (c.vocab + pad - 1) / pad * pad;
-    SSMX_REQUIRE(padded <= max_mamba_config_size, IOError, c.file, ": field \"vocab_size\" ", c.vocab,
-                 " padded to a multiple of pad_vocab_size_multiple = ", pad, " is ", padded, ", more than ",
-                 max_mamba_config_size);
-    c.vocab = padded;
+    c.vocab = detail::state_spaces_vocab(top, c.vocab);
   }
   SSMX_REQUIRE(std::isfinite(c.norm_eps) && c.norm_eps > 0, IOError, c.file, ": field \"", c.field("norm_eps"),
                "\" is ", c.norm_eps, ", expected a finite number > 0");
@@ -237,11 +257,63 @@ void check_mamba_config(const MambaConfig& c, const nn::Model<nn::Mamba<T, D, N,
 }
 
 namespace detail {
-// Our parameter name -> the tensor name in a checkpoint of `layout`.
-inline std::string mamba_name_in_file(const MambaConfig& c, const std::string& ours) {
-  if (ours == "embedding.weight") return c.embedding_name();
+// Our parameter name -> the tensor name in a checkpoint of `layout` (Mamba and Mamba-2).
+inline std::string mamba_name_in_file(MambaLayout layout, const std::string& ours) {
+  if (ours == "embedding.weight") return embedding_name(layout);
   if (ours == "lm_head.weight") return ours;
   return "backbone." + ours;  // layers.{i}.…, norm_f.weight
+}
+
+// Loads the checkpoint in `dir` (of `layout`) into `model`'s parameters: every tensor of the
+// file must be one of them (a tied model ignores lm_head.weight), the head is transposed,
+// and everything is checked before a parameter changes.
+template <class Model>
+void load_mamba_tensors(Model& model, const std::string& dir, MambaLayout layout) {
+  const SafetensorsShards shards = SafetensorsShards::open_dir(dir);
+  const bool tied = model.tied_embeddings();
+  const NameMap name_in_file = [&](const std::string& ours) { return mamba_name_in_file(layout, ours); };
+  const TransposedMap transposed = [](const std::string& ours) { return ours == "lm_head.weight"; };
+  std::set<std::string> expected;
+  for (auto* p : model.parameters()) expected.insert(name_in_file(p->name));
+  for (const auto& name : shards.names())
+    SSMX_REQUIRE(expected.count(name) || (tied && name == "lm_head.weight"), ValueError, shards.path(), ": tensor \"",
+                 printable(name), "\" is not a parameter of the model",
+                 name == "backbone.embeddings.weight" || name == "backbone.embedding.weight"
+                     ? str(" (config.json is in the ", layout == MambaLayout::hugging_face ? "Hugging Face" : "state-spaces",
+                           " layout, whose embedding is ", embedding_name(layout), ")")
+                     : std::string());
+  load_parameters(shards, model.parameters(), name_in_file, transposed);
+}
+
+// Writes `model` to `dir` (created if needed) in the Hugging Face layout: model.safetensors
+// (F32 or F64 as the model's T, the untied head transposed to [vocab, d_model]) and then
+// `config_text` as config.json, each atomically, after every value was checked, so that a
+// failure leaves the directory's old files in place.
+template <class Model>
+void write_mamba_checkpoint(Model& model, const std::string& dir, const std::string& config_text) {
+  using T = typename Model::T;
+  SafetensorsWriter w;
+  for (auto* p : model.parameters()) {
+    const std::string name = mamba_name_in_file(MambaLayout::hugging_face, p->name);
+    if (p->name == "lm_head.weight") {
+      const auto st = p->value.view().strides();
+      w.add(name,
+            TensorView<const T>(p->value.data(), Dims{p->value.dims()[1], p->value.dims()[0]}, {st[1], st[0], 0, 0}));
+    } else {
+      w.add(name, p->value);
+    }
+  }
+  w.set_metadata("format", "pt");
+  struct stat st {};
+  const std::string index = dir + "/" + SafetensorsShards::index_name;
+  SSMX_REQUIRE(::lstat(index.c_str(), &st) != 0, IOError, index,
+               " exists: a loader would read the shards it lists instead of the exported model.safetensors; "
+               "export into another directory");
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  SSMX_REQUIRE(!ec, IOError, dir, ": cannot create the directory: ", ec.message());
+  w.write(dir + "/" + SafetensorsShards::single_name);
+  write_file_atomically(dir + "/config.json", config_text);
 }
 }  // namespace detail
 
@@ -252,22 +324,7 @@ template <class T, index_t D, index_t N, index_t X, index_t W, index_t R, index_
 void load_mamba(nn::Model<nn::Mamba<T, D, N, X, W, R>, K>& model, const std::string& dir) {
   const MambaConfig c = read_mamba_config(dir);
   check_mamba_config(c, model);
-  const SafetensorsShards shards = SafetensorsShards::open_dir(dir);
-  const bool tied = model.tied_embeddings();
-  const NameMap name_in_file = [&](const std::string& ours) { return detail::mamba_name_in_file(c, ours); };
-  const TransposedMap transposed = [](const std::string& ours) { return ours == "lm_head.weight"; };
-  // Every tensor of the file must be a parameter (a tied model ignores lm_head.weight).
-  std::set<std::string> expected;
-  for (auto* p : model.parameters()) expected.insert(name_in_file(p->name));
-  for (const auto& name : shards.names())
-    SSMX_REQUIRE(expected.count(name) || (tied && name == "lm_head.weight"), ValueError, shards.path(), ": tensor \"",
-                 detail::printable(name), "\" is not a parameter of the model",
-                 name == "backbone.embeddings.weight" || name == "backbone.embedding.weight"
-                     ? detail::str(" (config.json is in the ",
-                                   c.layout == MambaLayout::hugging_face ? "Hugging Face" : "state-spaces",
-                                   " layout, whose embedding is ", c.embedding_name(), ")")
-                     : std::string());
-  load_parameters(shards, model.parameters(), name_in_file, transposed);
+  detail::load_mamba_tensors(model, dir, c.layout);
   model.set_norm_eps(c.norm_eps);  // validated by read_mamba_config: does not throw
 }
 
@@ -282,20 +339,6 @@ void save_mamba(nn::Model<nn::Mamba<T, D, N, X, W, R>, K>& model, const std::str
                model.layer_begin(), ", ", model.layer_end(), ") of ", K);
   SSMX_REQUIRE(std::isfinite(norm_eps) && norm_eps > 0, ValueError, dir, ": norm_eps is ", norm_eps,
                ", expected a finite number > 0");
-  MambaConfig c;
-  c.layout = MambaLayout::hugging_face;
-  SafetensorsWriter w;
-  for (auto* p : model.parameters()) {
-    const std::string name = detail::mamba_name_in_file(c, p->name);
-    if (p->name == "lm_head.weight") {
-      const auto st = p->value.view().strides();
-      w.add(name,
-            TensorView<const T>(p->value.data(), Dims{p->value.dims()[1], p->value.dims()[0]}, {st[1], st[0], 0, 0}));
-    } else {
-      w.add(name, p->value);
-    }
-  }
-  w.set_metadata("format", "pt");
   nlohmann::ordered_json j;
   j["architectures"] = {"MambaForCausalLM"};
   j["model_type"] = "mamba";
@@ -313,16 +356,7 @@ void save_mamba(nn::Model<nn::Mamba<T, D, N, X, W, R>, K>& model, const std::str
   j["hidden_act"] = "silu";
   j["tie_word_embeddings"] = model.tied_embeddings();
   j["torch_dtype"] = std::is_same_v<T, float> ? "float32" : "float64";
-  struct stat st {};
-  const std::string index = dir + "/" + SafetensorsShards::index_name;
-  SSMX_REQUIRE(::lstat(index.c_str(), &st) != 0, IOError, index,
-               " exists: a loader would read the shards it lists instead of the exported model.safetensors; "
-               "export into another directory");
-  std::error_code ec;
-  std::filesystem::create_directories(dir, ec);
-  SSMX_REQUIRE(!ec, IOError, dir, ": cannot create the directory: ", ec.message());
-  w.write(dir + "/" + SafetensorsShards::single_name);
-  write_file_atomically(dir + "/config.json", j.dump(2) + "\n");
+  detail::write_mamba_checkpoint(model, dir, j.dump(2) + "\n");
 }
 
 }  // namespace ssmx::io

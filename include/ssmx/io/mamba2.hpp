@@ -31,7 +31,6 @@
 
 #include <cmath>
 #include <limits>
-#include <set>
 #include <string>
 #include <type_traits>
 
@@ -64,9 +63,6 @@ struct Mamba2Config {
     if (ours == "tie_embeddings") return hf ? "tie_word_embeddings" : "tie_embeddings";
     return "?";
   }
-  const char* embedding_name() const {
-    return layout == MambaLayout::hugging_face ? "backbone.embeddings.weight" : "backbone.embedding.weight";
-  }
 };
 
 namespace detail {
@@ -93,16 +89,9 @@ inline void read_time_step_limit(const ConfigObject& o, const char* key, Mamba2C
 inline Mamba2Config read_mamba2_config(const std::string& dir) {
   Mamba2Config c;
   c.file = dir + "/config.json";
-  const nlohmann::json j = read_config_json(c.file);
-  SSMX_REQUIRE(j.is_object(), IOError, c.file, ": the file holds a JSON ", j.type_name(), ", expected an object");
+  const nlohmann::json j = detail::read_mamba_family_config(c.file, c.layout, "Mamba2ForCausalLM", "Mamba-2");
+  const bool hf = c.layout == MambaLayout::hugging_face;
   const detail::ConfigObject top{j, c.file, ""};
-  const bool hf = detail::has_any(j, {"hidden_size", "num_hidden_layers", "state_size", "model_type", "architectures",
-                                      "tie_word_embeddings", "layer_norm_epsilon"});
-  const bool ss = detail::has_any(j, {"d_model", "n_layer", "ssm_cfg", "pad_vocab_size_multiple", "tie_embeddings"});
-  SSMX_REQUIRE(hf || ss, IOError, c.file,
-               ": field \"hidden_size\" (Hugging Face Mamba2ForCausalLM) or \"d_model\" (state-spaces/mamba) is "
-               "missing: not a Mamba-2 config");
-  c.layout = hf ? MambaLayout::hugging_face : MambaLayout::state_spaces;
   c.vocab = top.size("vocab_size");
   if (hf) {
     top.require<std::string>("model_type", "mamba2", "ssmx loads Mamba2ForCausalLM; a Mamba-1 model loads with load_mamba");
@@ -153,18 +142,7 @@ inline Mamba2Config read_mamba2_config(const std::string& dir) {
     c.norm_eps = top.get<double>("norm_epsilon", 1e-5);
     c.gated_norm_eps = 1e-5;  // mamba_ssm: RMSNormGated(eps=1e-5)
     c.tie_embeddings = top.get<bool>("tie_embeddings", true);
-    top.require<bool>("rms_norm", true, "ssmx's blocks use RMSNorm");
-    top.require<index_t>("d_intermediate", 0, "ssmx's blocks have no MLP");
-    if (top.has("attn_layer_idx"))
-      SSMX_REQUIRE(j.at("attn_layer_idx").is_array() && j.at("attn_layer_idx").empty(), IOError, c.file,
-                   ": field \"attn_layer_idx\" is ", detail::json_excerpt(j.at("attn_layer_idx")),
-                   ", expected [] (ssmx's model has no attention layers)");
-    const index_t pad = top.size("pad_vocab_size_multiple", 8, 1);
-    const index_t padded = (c.vocab + pad - 1) / pad * pad;
-    SSMX_REQUIRE(padded <= max_mamba_config_size, IOError, c.file, ": field \"vocab_size\" ", c.vocab,
-                 " padded to a multiple of pad_vocab_size_multiple = ", pad, " is ", padded, ", more than ",
-                 max_mamba_config_size);
-    c.vocab = padded;
+    c.vocab = detail::state_spaces_vocab(top, c.vocab);
   }
   SSMX_REQUIRE(c.n_heads * c.head_dim == c.expand * c.d_model, IOError, c.file, ": ",
                hf ? "num_heads × head_dim" : "d_model × ssm_cfg.expand is not a multiple of ssm_cfg.headdim: heads × headdim",
@@ -212,25 +190,7 @@ template <class T, index_t D, index_t N, index_t P, index_t G, index_t X, index_
 void load_mamba2(nn::Model<nn::Mamba2<T, D, N, P, G, X, W>, K>& model, const std::string& dir) {
   const Mamba2Config c = read_mamba2_config(dir);
   check_mamba2_config(c, model);
-  const SafetensorsShards shards = SafetensorsShards::open_dir(dir);
-  const bool tied = model.tied_embeddings();
-  const NameMap name_in_file = [&](const std::string& ours) {
-    if (ours == "embedding.weight") return std::string(c.embedding_name());
-    if (ours == "lm_head.weight") return ours;
-    return "backbone." + ours;
-  };
-  const TransposedMap transposed = [](const std::string& ours) { return ours == "lm_head.weight"; };
-  std::set<std::string> expected;
-  for (auto* p : model.parameters()) expected.insert(name_in_file(p->name));
-  for (const auto& name : shards.names())
-    SSMX_REQUIRE(expected.count(name) || (tied && name == "lm_head.weight"), ValueError, shards.path(), ": tensor \"",
-                 detail::printable(name), "\" is not a parameter of the model",
-                 name == "backbone.embeddings.weight" || name == "backbone.embedding.weight"
-                     ? detail::str(" (config.json is in the ",
-                                   c.layout == MambaLayout::hugging_face ? "Hugging Face" : "state-spaces",
-                                   " layout, whose embedding is ", c.embedding_name(), ")")
-                     : std::string());
-  load_parameters(shards, model.parameters(), name_in_file, transposed);
+  detail::load_mamba_tensors(model, dir, c.layout);
   // Validated by read_mamba2_config: nothing below throws.
   model.set_norm_eps(c.norm_eps);
   for (index_t k = model.layer_begin(); k < model.layer_end(); ++k) {
@@ -240,9 +200,8 @@ void load_mamba2(nn::Model<nn::Mamba2<T, D, N, P, G, X, W>, K>& model, const std
   }
 }
 
-// Writes `model` to `dir` (created if needed) as a Hugging Face Mamba2ForCausalLM checkpoint:
-// config.json and model.safetensors (F32 or F64 as the model's T, the untied head
-// transposed to [vocab, d_model]), each written atomically, model.safetensors first.
+// Writes `model` to `dir` (created if needed) as a Hugging Face Mamba2ForCausalLM checkpoint,
+// as save_mamba does (detail::write_mamba_checkpoint).
 // layer_norm_epsilon is the blocks' `norm_eps`; the mixers' gated-norm epsilon and Δ range
 // are read from the model and must be the same in every layer. time_step_limit's infinity
 // is written as Python does (Infinity).
@@ -262,20 +221,6 @@ void save_mamba2(nn::Model<nn::Mamba2<T, D, N, P, G, X, W>, K>& model, const std
   }
   SSMX_REQUIRE(first.norm_eps == norm_eps, ValueError, dir, ": the mixers' gated-norm epsilon is ", first.norm_eps,
                " and norm_eps is ", norm_eps, "; Hugging Face's config has one layer_norm_epsilon for both");
-  SafetensorsWriter w;
-  for (auto* p : model.parameters()) {
-    const std::string name = p->name == "embedding.weight" ? "backbone.embeddings.weight"
-                             : p->name == "lm_head.weight"  ? p->name
-                                                            : "backbone." + p->name;
-    if (p->name == "lm_head.weight") {
-      const auto st = p->value.view().strides();
-      w.add(name,
-            TensorView<const T>(p->value.data(), Dims{p->value.dims()[1], p->value.dims()[0]}, {st[1], st[0], 0, 0}));
-    } else {
-      w.add(name, p->value);
-    }
-  }
-  w.set_metadata("format", "pt");
   using Mixer = nn::Mamba2<T, D, N, P, G, X, W>;
   nlohmann::ordered_json j;
   j["architectures"] = {"Mamba2ForCausalLM"};
@@ -303,16 +248,7 @@ void save_mamba2(nn::Model<nn::Mamba2<T, D, N, P, G, X, W>, K>& model, const std
     const auto number = [](double v) { return std::isinf(v) ? std::string("Infinity") : nlohmann::json(v).dump(); };
     text.replace(text.find(from), from.size(), "[" + number(first.dt_min) + ", " + number(first.dt_max) + "]");
   }
-  struct stat st {};
-  const std::string index = dir + "/" + SafetensorsShards::index_name;
-  SSMX_REQUIRE(::lstat(index.c_str(), &st) != 0, IOError, index,
-               " exists: a loader would read the shards it lists instead of the exported model.safetensors; "
-               "export into another directory");
-  std::error_code ec;
-  std::filesystem::create_directories(dir, ec);
-  SSMX_REQUIRE(!ec, IOError, dir, ": cannot create the directory: ", ec.message());
-  w.write(dir + "/" + SafetensorsShards::single_name);
-  write_file_atomically(dir + "/config.json", text);
+  detail::write_mamba_checkpoint(model, dir, text);
 }
 
 }  // namespace ssmx::io
