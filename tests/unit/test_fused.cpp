@@ -44,6 +44,10 @@ using Diagonal = nn::DiagonalSSM<double, 8, 4>;
 using Diagonal16 = nn::DiagonalSSM<double, 24, 16>;  // a longer state row: the natural walk by the rule
 using MambaSmall = nn::Mamba<double, 8, 4, 2, 4, 2>;
 using Gated = GatedSSM<double, 8, 3>;
+// Mamba-2: a scalar decay per head on a state [H, P, N]. One group of B and C shared by the
+// 4 heads (computed once per chunk), or 2 groups (the heads' own copies).
+using Mamba2One = nn::Mamba2<double, 8, 4, 4, 1, 2, 4>;
+using Mamba2Groups = nn::Mamba2<double, 8, 4, 4, 2, 2, 4>;
 
 struct Data {
   std::vector<token_t> x, y;
@@ -167,6 +171,7 @@ TEST_CASE("fused: the rule picks the fused scan for every layer and the structur
   static_assert(nn::detail::structured_shape_v<nn::DiagonalSSM<float, 256, 16>>, "DiagonalSSM: a shared decay");
   static_assert(nn::detail::structured_shape_v<GatedSSM<float, 16, 4>>, "GatedSSM: a shared decay");
   static_assert(!nn::detail::structured_shape_v<nn::Mamba<float, 64, 16, 2, 4, 4>>, "Mamba: a decay per coefficient");
+  static_assert(nn::detail::structured_shape_v<nn::Mamba2<float, 64, 16, 16, 1, 2, 4>>, "Mamba2: a decay per head");
   const Data d(1, 40, false);
   auto run = [&](auto tag, nn::ScanPath path) {
     using Layer = typename decltype(tag)::type;
@@ -180,6 +185,15 @@ TEST_CASE("fused: the rule picks the fused scan for every layer and the structur
   CHECK(mamba.materialised == 0);
   CHECK(mamba.structured == 0);
   CHECK(mamba.fused > 0);
+  for (const auto& m2 : {run(tag<Mamba2One>{}, nn::ScanPath::structured),
+                         run(tag<Mamba2Groups>{}, nn::ScanPath::structured)}) {
+    CHECK(m2.materialised == 0);
+    CHECK(m2.fused == 0);
+    CHECK(m2.structured > 0);
+  }
+  const auto mamba2_fused = run(tag<Mamba2One>{}, nn::ScanPath::fused);
+  CHECK(mamba2_fused.structured == 0);
+  CHECK(mamba2_fused.fused > 0);
   const auto gated = run(tag<Gated>{}, nn::ScanPath::fused);
   CHECK(gated.materialised == 0);
   CHECK(gated.structured == 0);
@@ -190,7 +204,7 @@ TEST_CASE("fused: the rule picks the fused scan for every layer and the structur
 }
 
 TEST_CASE_TEMPLATE("fused: every path equals the materialised one for every chunk length", Layer, Diagonal, Diagonal16,
-                   MambaSmall, Gated) {
+                   MambaSmall, Gated, Mamba2One, Mamba2Groups) {
   for (index_t len : {index_t(1), index_t(45), index_t(300)}) {
     const Data d(2, len, false);
     for (index_t chunk : {index_t(1), index_t(7), index_t(256), len}) {
@@ -205,7 +219,7 @@ TEST_CASE_TEMPLATE("fused: every path equals the materialised one for every chun
 }
 
 TEST_CASE_TEMPLATE("fused: packed documents, carried states and their gradients, bf16 storage", Layer, Diagonal,
-                   MambaSmall, Gated) {
+                   MambaSmall, Gated, Mamba2One, Mamba2Groups) {
   const Data d(2, 83, true);
   for (bool bf16 : {false, true}) {
     CAPTURE(bf16);
@@ -215,7 +229,8 @@ TEST_CASE_TEMPLATE("fused: packed documents, carried states and their gradients,
   }
 }
 
-TEST_CASE_TEMPLATE("fused: every strategy equals itself on the materialised path", Layer, Diagonal, MambaSmall) {
+TEST_CASE_TEMPLATE("fused: every strategy equals itself on the materialised path", Layer, Diagonal, MambaSmall,
+                   Mamba2One) {
   const Data d(1, 70, true);
   auto both = [&](const auto& s) {
     const Result ref = step<Layer>(nn::ScanPath::materialised, d.batch, s, true);
@@ -261,9 +276,9 @@ TEST_CASE("fused: gradients are bit-identical across runs and thread counts") {
 #if defined(_OPENMP)
   const Data d(2, 300, true);
   const int saved = omp_get_max_threads();
-  auto run = [&](int threads, nn::ScanPath path) {
+  auto run = [&](auto tag, int threads, nn::ScanPath path) {
     omp_set_num_threads(threads);
-    nn::Model<nn::DiagonalSSM<float, 64, 16>, 2> m(config(path));
+    nn::Model<typename decltype(tag)::type, 2> m(config(path));
     m.zero_grad();
     m.forward_backward(d.batch, Adjoint{128, 16});
     std::vector<unsigned char> bytes;
@@ -273,12 +288,14 @@ TEST_CASE("fused: gradients are bit-identical across runs and thread counts") {
     }
     return bytes;
   };
-  for (auto path : {nn::ScanPath::fused, nn::ScanPath::structured}) {
-    const auto one = run(1, path);
-    CHECK(run(1, path) == one);
-    CHECK(run(2, path) == one);
-    CHECK(run(3, path) == one);
-  }
+  auto same = [&](auto tag, nn::ScanPath path) {
+    const auto one = run(tag, 1, path);
+    CHECK(run(tag, 1, path) == one);
+    CHECK(run(tag, 2, path) == one);
+    CHECK(run(tag, 3, path) == one);
+  };
+  for (auto path : {nn::ScanPath::fused, nn::ScanPath::structured}) same(tag<nn::DiagonalSSM<float, 64, 16>>{}, path);
+  same(tag<nn::Mamba2<float, 32, 16, 16, 1, 2, 4>>{}, nn::ScanPath::structured);
   omp_set_num_threads(saved);
 #else
   MESSAGE("built without OpenMP: one thread only");

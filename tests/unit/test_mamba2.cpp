@@ -1,7 +1,7 @@
 // Tests of the Mamba-2 layer (host backend): PyTorch-made checkpoints in both layouts
 // (tests/reference/mamba2_reference.py, a sequential recurrence in float64) matched in
 // logits, loss and every gradient; central differences; every strategy against Backprop;
-// the fused path against the materialised one; packed documents, carried states; the
+// the structured (SSD), fused and materialised paths; packed documents, carried states; the
 // config checks. Also the two expression nodes the layer is built with (reshape,
 // rms_normalize).
 #include "../support/test_support.hpp"
@@ -128,7 +128,7 @@ TEST_CASE("mamba2: model gradients match central differences in double") {
   }
 }
 
-TEST_CASE("mamba2: every strategy and both scan paths give the Backprop gradient") {
+TEST_CASE("mamba2: every strategy and every scan path give the Backprop gradient") {
   // Chunk lengths shorter than the convolution window, and lengths no chunk divides. (The
   // paper's formula, exact for one layer only, is checked on other layers: test_model.)
   SmallLM<double> m({vocab, false, 8});
@@ -147,23 +147,32 @@ TEST_CASE("mamba2: every strategy and both scan paths give the Backprop gradient
       CHECK(la == doctest::Approx(lb).epsilon(1e-13));
       CHECK(rel_diff(ga, gb) < 1e-12);
     }
-  // The adjoint strategies run the fused scan (the materialised path is the reference).
+  // The adjoint strategies run the structured (SSD) scan: one decay per head (the
+  // materialised path is the reference).
   const nn::ScanCounts counts = nn::scan_counts();
-  CHECK(counts.fused > 0);
+  CHECK(counts.structured > 0);
+  CHECK(counts.fused == 0);
   CHECK(counts.materialised == 0);
   CHECK(rel_diff(grads_of(m, batch, Checkpointed{}), gb) < 1e-12);
   CHECK(rel_diff(grads_of(m, batch, TruncatedAdjoint{len, 4}), gb) < 1e-12);
   // A window shorter than the sequence changes the gradient (the test can tell).
   CHECK(rel_diff(grads_of(m, batch, TruncatedAdjoint{4, 4}), gb) > 1e-6);
   for (index_t chunk : {1, 2, 5, 100}) CHECK(m.evaluate(batch, chunk).loss == doctest::Approx(lb).epsilon(1e-13));
-  // The materialised path gives the same numbers.
+  // The elementwise fused scan and the materialised path give the same numbers.
   nn::ModelConfig cfg{vocab, false, 8};
+  cfg.structured = false;
+  SmallLM<double> mf(cfg);
+  perturb(mf, 9);
+  nn::reset_scan_counts();
+  CHECK(rel_diff(grads_of(mf, batch, Adjoint{5, 2}), gb) < 1e-12);
+  CHECK(nn::scan_counts().structured == 0);
+  CHECK(nn::scan_counts().fused > 0);
   cfg.fused = false;
   SmallLM<double> mm(cfg);
   perturb(mm, 9);
   nn::reset_scan_counts();
   CHECK(rel_diff(grads_of(mm, batch, Adjoint{5, 2}), gb) < 1e-12);
-  CHECK(nn::scan_counts().fused == 0);
+  CHECK(nn::scan_counts().fused + nn::scan_counts().structured == 0);
 }
 
 TEST_CASE("mamba2: packed documents give the gradients of each document alone") {

@@ -23,8 +23,9 @@
 // Parameter names and shapes are those of Hugging Face Mamba2ForCausalLM and state-spaces
 // mamba2 checkpoints (io/mamba2.hpp loads both). The convolution and in_proj run once per
 // stretch as the layer's features (x, B, C after the convolution; z; Δ). A head's decay is
-// a scalar, so the decay is an [tokens, H] operand broadcast over the state; for G > 1 the
-// groups' B and C are expanded to the heads once per stretch ([tokens, H, N]).
+// a scalar, so the decay is an [tokens, H] operand broadcast over the state, and the
+// structured scan (nn/structured.hpp) runs the chunked SSD form for it; for G > 1 the groups'
+// B and C are expanded to the heads once per stretch ([tokens, H, N]).
 #pragma once
 
 #include <cmath>

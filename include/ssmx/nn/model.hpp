@@ -163,7 +163,8 @@ struct ModelConfig {
   // Backprop and Checkpointed always keep their full tapes.
   bool fused = true;
   // On the fused path, run the structured chunked scan (nn/structured.hpp) for layers
-  // whose maps have its shape (DiagonalSSM, GatedSSM). false: the fused scan for them too.
+  // whose maps have its shape (DiagonalSSM, GatedSSM, Mamba2). false: the fused scan for
+  // them too.
   bool structured = true;
 };
 

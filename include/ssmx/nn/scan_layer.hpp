@@ -562,9 +562,9 @@ bool stretch_runs_fused(const Block<Layer>& blk, const Stretch<Layer>& st) {
 
 // ---- the structured chunked scan (nn/structured.hpp) ----------------------------------------
 
-// Whether a fused layer's maps have the structured shape at the type level: a rank-2 state,
-// the decay one operand, the inject a product of two operands, the readout's reduction
-// over the state times an operand.
+// Whether a fused layer's maps have the structured shape at the type level: the decay one
+// operand, the inject a product of two operands, the readout's reduction over the state
+// times an operand (the state's rank and the operands' broadcasts are checked at run time).
 template <class E>
 struct is_plain_operand
     : std::bool_constant<!expr::is_lifted<E>::value && !std::is_same_v<E, expr::Constant<typename E::value_type>>> {};
@@ -591,27 +591,38 @@ struct StructuredShape<Layer, true>
                          mul_of_operands<typename Fusion<Layer>::InjectE>::value &&
                          state_times_operand<typename Fusion<Layer>::X>::value> {};
 
-// A walk's strides in the natural order [.., t, p, n].
+// A walk's strides in the order [t, h, p, n] of a state [H, P, N] (h's stride 0 for a rank-2
+// state [P, N]).
 inline void natural_strides(const fused::TilePlan& plan, const index_t (&walk)[4], index_t (&st)[4]) {
-  for (int k = 0; k < 4; ++k) st[k] = walk[k];
-  if (plan.transposed) std::swap(st[2], st[3]);
+  index_t w[4] = {walk[0], walk[1], walk[2], walk[3]};
+  if (plan.transposed) std::swap(w[2], w[3]);
+  const bool heads = plan.state_rank() == 3;
+  st[0] = heads ? w[0] : w[1];
+  st[1] = heads ? w[1] : 0;
+  st[2] = w[2];
+  st[3] = w[3];
 }
 
-// The structured scan of one fused stretch (state [P, N]), when its operands have the shape
-// at run time: the decay and β constant along P, x constant along N, c constant along P,
-// the reduction over N, and every decay in (0, 1.5] (0 only at a document start; a decay
-// of a stable layer is in (0, 1], rounding may put it an ulp above).
+// The structured scan of one fused stretch (state [P, N] or [H, P, N]), when its operands
+// have the shape at run time: the decay and β constant along P, x constant along N, c
+// constant along P, the reduction over N, and every decay in (0, 1.5] (0 only at a document
+// start; a decay of a stable layer is in (0, 1], rounding may put it an ulp above). A decay
+// constant along N as well takes the scalar (SSD) form; a rank-3 state needs it.
 template <class T>
 struct Structured {
-  struct Operand {  // an operand's evaluator with natural strides
+  struct Operand {  // an operand's evaluator with strides [t, h, p, n]
     expr::LiftOperand<T> node;
     index_t sv[4], sd[4];  // value and cotangent strides
-    T value(index_t t, index_t p, index_t k) const { return node.src.base[t * sv[1] + p * sv[2] + k * sv[3]]; }
-    void add(index_t t, index_t p, index_t k, T g) const { node.dst.base0[t * sd[1] + p * sd[2] + k * sd[3]] += g; }
+    T value(index_t t, index_t h, index_t p, index_t k) const {
+      return node.src.base[t * sv[0] + h * sv[1] + p * sv[2] + k * sv[3]];
+    }
+    void add(index_t t, index_t h, index_t p, index_t k, T g) const {
+      node.dst.base0[t * sd[0] + h * sd[1] + p * sd[2] + k * sd[3]] += g;
+    }
   };
   bool ok = false;
   structured::Inputs<T> in;
-  Work<T> a;  // [n, N], the decays
+  Work<T> a;  // the decays, in the layout of in.la
   Operand oa, ox, ob, oc;
 
   static Operand make(const fused::TilePlan& plan, const expr::LiftOperand<T>& o) {
@@ -621,12 +632,15 @@ struct Structured {
     natural_strides(plan, o.dst.st, r.sd);
     return r;
   }
+  // The head whose β and c stand for group g.
+  index_t group_head(index_t g) const { return g * (in.H / in.groups); }
   // The operands of the decay (dn), the inject (bn: x * β in either order) and the
   // readout's reduced tree (xn: h * c in either order), reduced over `axis`.
   template <class BN>
   Structured(const fused::TilePlan& plan, const expr::LiftOperand<T>& dn, const BN& bn, const expr::LiftOperand<T>& cn,
              int axis, Resets resets) {
-    if (plan.state_rank() != 2 || axis != 2) return;
+    const int rank = plan.state_rank();
+    if ((rank != 2 && rank != 3) || axis != rank) return;
     oa = make(plan, dn);
     Operand l = make(plan, bn.lhs), r = make(plan, bn.rhs);
     if (l.sv[3] == 0 && r.sv[2] == 0) {
@@ -640,55 +654,79 @@ struct Structured {
     }
     oc = make(plan, cn);
     if (oa.sv[2] != 0 || oc.sv[2] != 0) return;
-    const index_t n = plan.n, P = plan.state_dims[0], N = plan.state_dims[1];
+    in.scalar = oa.sv[3] == 0;
+    if (rank == 3 && !in.scalar) return;
+    const index_t n = plan.n, H = rank == 3 ? plan.state_dims[0] : 1;
+    const index_t P = plan.state_dims[rank - 2], N = plan.state_dims[rank - 1];
     in.n = n;
+    in.H = H;
     in.P = P;
     in.N = N;
-    in.la = Work<T>(std::size_t(n * N));
-    in.beta = Work<T>(std::size_t(n * N));
-    in.c = Work<T>(std::size_t(n * N));
-    in.x = Work<T>(std::size_t(n * P));
+    // One β and c for all heads where neither varies by head; else one per head.
+    in.groups = ob.sv[1] == 0 && oc.sv[1] == 0 ? 1 : H;
+    const index_t decays = in.scalar ? H : N, G = in.groups;
+    in.la = Work<T>(std::size_t(n * decays));
+    in.beta = Work<T>(std::size_t(n * G * N));
+    in.c = Work<T>(std::size_t(n * G * N));
+    in.x = Work<T>(std::size_t(n * H * P));
     in.seg.resize(std::size_t(n));
-    a = Work<T>(std::size_t(n * N));
+    a = Work<T>(std::size_t(n * decays));
     index_t seg = -1;
     for (index_t t = 0; t < n; ++t) {
       const bool start = resets.any() && resets.starts[t];
       if (start) seg = t;
       in.seg[std::size_t(t)] = seg;
-      for (index_t k = 0; k < N; ++k) {
-        const T av = oa.value(t, 0, k);
-        a[std::size_t(t * N + k)] = av;
+      for (index_t i = 0; i < decays; ++i) {
+        const T av = in.scalar ? oa.value(t, i, 0, 0) : oa.value(t, 0, 0, i);
+        a[std::size_t(t * decays + i)] = av;
         // Outside (0, 1.5] (or NaN) the elementwise scan: e^{A^t - A^s} stays below 1.5^64.
         if (!start && !(av > T(0) && av <= T(1.5))) return;
-        in.la[std::size_t(t * N + k)] = start ? T(0) : std::log(av);
-        in.beta[std::size_t(t * N + k)] = ob.value(t, 0, k);
-        in.c[std::size_t(t * N + k)] = oc.value(t, 0, k);
+        in.la[std::size_t(t * decays + i)] = start ? T(0) : std::log(av);
       }
-      for (index_t p = 0; p < P; ++p) in.x[std::size_t(t * P + p)] = ox.value(t, p, 0);
+      for (index_t g = 0; g < G; ++g)
+        for (index_t k = 0; k < N; ++k) {
+          in.beta[std::size_t((t * G + g) * N + k)] = ob.value(t, group_head(g), 0, k);
+          in.c[std::size_t((t * G + g) * N + k)] = oc.value(t, group_head(g), 0, k);
+        }
+      for (index_t h = 0; h < H; ++h)
+        for (index_t p = 0; p < P; ++p) in.x[std::size_t((t * H + h) * P + p)] = ox.value(t, h, p, 0);
     }
     ok = true;
   }
-  // Π a over the stretch into prod ([P, N]): 0 past a document start.
+  // Π a over the stretch into prod ([H, P, N]): 0 past a document start.
   void decay_product(T* prod) const {
-    const index_t N = in.N, P = in.P;
-    for (index_t k = 0; k < N; ++k) {
+    const index_t H = in.H, P = in.P, N = in.N, decays = in.scalar ? H : N;
+    for (index_t i = 0; i < decays; ++i) {
       T q = T(1);
-      for (index_t t = 0; t < in.n; ++t) q = in.seg[std::size_t(t)] >= 0 ? T(0) : q * a[std::size_t(t * N + k)];
-      for (index_t p = 0; p < P; ++p) prod[p * N + k] *= q;
+      for (index_t t = 0; t < in.n; ++t) q = in.seg[std::size_t(t)] >= 0 ? T(0) : q * a[std::size_t(t * decays + i)];
+      if (in.scalar)
+        for (index_t j = 0; j < P * N; ++j) prod[i * P * N + j] *= q;
+      else
+        for (index_t p = 0; p < P; ++p) prod[p * N + i] *= q;
     }
   }
   // Adds the gradients into the operands' cotangents (those that want them).
   void scatter(const structured::Grads<T>& g) const {
-    const index_t n = in.n, P = in.P, N = in.N;
+    const index_t n = in.n, H = in.H, P = in.P, N = in.N, G = in.groups, decays = in.scalar ? H : N;
     for (index_t t = 0; t < n; ++t) {
-      for (index_t k = 0; k < N; ++k) {
-        const std::size_t i = std::size_t(t * N + k);
-        if (oa.node.grad && in.seg[std::size_t(t)] != t) oa.add(t, 0, k, g.la[i] / a[i]);  // d(log a) / da = 1 / a
-        if (ob.node.grad) ob.add(t, 0, k, g.beta[i]);
-        if (oc.node.grad) oc.add(t, 0, k, g.c[i]);
-      }
+      if (oa.node.grad && in.seg[std::size_t(t)] != t)
+        for (index_t i = 0; i < decays; ++i) {
+          const std::size_t j = std::size_t(t * decays + i);
+          const T ga = g.la[j] / a[j];  // d(log a) / da = 1 / a
+          if (in.scalar)
+            oa.add(t, i, 0, 0, ga);
+          else
+            oa.add(t, 0, 0, i, ga);
+        }
+      for (index_t gi = 0; gi < G; ++gi)
+        for (index_t k = 0; k < N; ++k) {
+          const std::size_t j = std::size_t((t * G + gi) * N + k);
+          if (ob.node.grad) ob.add(t, group_head(gi), 0, k, g.beta[j]);
+          if (oc.node.grad) oc.add(t, group_head(gi), 0, k, g.c[j]);
+        }
       if (ox.node.grad)
-        for (index_t p = 0; p < P; ++p) ox.add(t, p, 0, g.x[std::size_t(t * P + p)]);
+        for (index_t h = 0; h < H; ++h)
+          for (index_t p = 0; p < P; ++p) ox.add(t, h, p, 0, g.x[std::size_t((t * H + h) * P + p)]);
     }
   }
 };
@@ -789,7 +827,7 @@ void forward_stretch(const Block<Layer>& blk, typename LayerTypes<Layer>::CV y_e
         if (st.structured) {
           const detail::Structured<T> sp(plan, dn, bn, detail::readout_operand<typename Fu::X>(xn), ro.red->axis,
                                          resets);
-          if (sp.ok) {  // the reduction's value is copy 0 of `value`, [n, P]
+          if (sp.ok) {  // the reduction's value is copy 0 of `value`, [n, P] or [n, H, P]
             detail::count_scan(ScanPath::structured);
             structured::forward<T>(sp.in, st.h0.data(), value.buf.data(), out.h_last.data());
             if (out.decay_prod.data()) sp.decay_product(out.decay_prod.data());
@@ -1093,7 +1131,7 @@ void fused_maps_backward(Block<Layer>& blk, const Stretch<Layer>& st, typename L
       const Structured<T> sp(plan, dn, bn, readout_operand<typename Fu::X>(xn), ro.red->axis, st.resets);
       if (sp.ok) {
         count_scan(ScanPath::structured);
-        // The reduction's value ([n, P]), its cotangent through the rest of the readout, then
+        // The reduction's value ([n, P] or [n, H, P]), its cotangent through the rest of the readout, then
         // the structured backward pass.
         Tensor<T, space> value(ro.red->dims(), Tag::Workspace);
         structured::Saved<T> saved;
