@@ -365,4 +365,44 @@ TEST_CASE("expr: host results do not depend on the thread count") {
 #endif
   }
 }
+
+TEST_CASE("expr: causal_conv1d matches its definition and central differences") {
+  // C = 70: a partial block of channels; W = 18: taps past the kernel's 16 accumulators.
+  for (index_t W : {index_t(1), index_t(4), index_t(18)})
+    for (bool masked : {false, true}) {
+      CAPTURE(W);
+      CAPTURE(masked);
+      const index_t n = 9, C = 70;
+      Tensor<double> x = random_tensor(Dims{n + W - 1, C}, 31), w = random_tensor(Dims{C, 1, W}, 32),
+                     b = random_tensor(Dims{C}, 33), m(Dims{W, n});
+      for (index_t j = 0; j < W; ++j)
+        for (index_t t = 0; t < n; ++t) m(j, t) = masked && (t + j) % 3 == 0 ? 0.0 : 1.0;
+      const TensorView<const double> mv = masked ? TensorView<const double>(m.view()) : TensorView<const double>();
+      const TensorView<const double> wv = w.view(), bv = b.view();
+      const auto expr = [&] { return causal_conv1d(leaf(x) * 1.5, wv, bv, mv); };
+      const Tensor<double> y = eval(expr());
+      for (index_t t = 0; t < n; ++t)
+        for (index_t c = 0; c < C; ++c) {
+          double want = b[c];
+          for (index_t j = 0; j < W; ++j) want += 1.5 * x(t + j, c) * w[c * W + j] * (masked ? m(j, t) : 1.0);
+          CHECK(y(t, c) == doctest::Approx(want).epsilon(1e-13));
+        }
+      Tensor<double> g = random_tensor(Dims{n, C}, 34);
+      const auto loss = [&] { return sum(expr() * leaf(g)); };
+      Tensor<double> gx = zeros<double>(x.dims()), gw = zeros<double>(w.dims()), gb = zeros<double>(b.dims());
+      Tensor<double> one(Dims{});
+      fill(one, 1.0);
+      backward(loss(), one, {wrt(x, gx), wrt(w, gw), wrt(b, gb)});
+      GradcheckOptions o;  // the loss is bilinear: the differences' error is the loss's rounding / eps
+      o.eps = 1e-4;
+      o.rtol = 1e-6;
+      o.atol = 1e-7;
+      std::vector<Tensor<double>*> inputs{&x, &w, &b};
+      std::vector<const Tensor<double>*> grads{&gx, &gw, &gb};
+      const auto res = check_gradients([&] { return eval(loss())[0]; }, inputs, grads, o);
+      INFO(res.worst);
+      CHECK(res.ok);
+      CHECK(res.checked == x.numel() + w.numel() + b.numel());
+    }
+}
 #endif

@@ -589,6 +589,35 @@ template <class T, Space S, class V, class E>
 void backward(const CausalConv1d<E>& c, const Tape<CausalConv1d<E>, S>& tape, TensorView<const V, S> g,
               const GradTargets<T, S>& targets) {
   const index_t n = g.extent(0);
+  if constexpr (S == Space::Host && (std::is_same_v<V, float> || std::is_same_v<V, double>)) {
+    // On the host, one pass each for dL/dx and for the weight and bias (backend/cpu/conv1d.hpp).
+    const TensorView<const V, S> x = tape.child.value();
+    if (g.stride(1) == 1 && x.stride(1) == 1) {
+      namespace cpu = backend::cpu;
+      const index_t C = x.extent(1), W = c.width;
+      const Work<V> taps = cpu::conv1d_taps(c.weight.view, W);
+      const cpu::Conv1dMask mask{c.mask.data(), c.has_mask() ? c.mask.stride(0) : 0, c.has_mask() ? c.mask.stride(1) : 0};
+      if (needs_grad(c.child, targets)) {
+        Tensor<V, S> gx(c.child.dims(), Tag::Workspace);
+        cpu::conv1d_backward_input<V>(g.data(), g.stride(0), taps.data(), mask, n, C, W, gx.data());
+        backward(c.child, tape.child, TensorView<const V, S>(gx.view()), targets);
+      }
+      const bool wg = needs_grad(c.weight, targets), bg = c.has_bias() && needs_grad(c.bias, targets);
+      if (!wg && !bg) return;
+      Work<V> gtaps(wg ? std::size_t(W * C) : 0);
+      Tensor<V, S> gb(Dims{C}, Tag::Workspace);
+      cpu::conv1d_backward_weight<V>(g.data(), g.stride(0), x.data(), x.stride(0), mask, n, C, W,
+                                     wg ? gtaps.data() : nullptr, bg ? gb.data() : nullptr);
+      if (wg) {
+        Tensor<V, S> gw(c.weight.dims(), Tag::Workspace);  // row-major [C, W] or [C, 1, W]
+        for (index_t k = 0; k < C; ++k)
+          for (index_t j = 0; j < W; ++j) gw.data()[k * W + j] = gtaps[std::size_t(j * C + k)];
+        backward(c.weight, Tape<Leaf<V, S>, S>(c.weight), TensorView<const V, S>(gw.view()), targets);
+      }
+      if (bg) backward(c.bias, Tape<Leaf<V, S>, S>(c.bias), TensorView<const V, S>(gb.view()), targets);
+      return;
+    }
+  }
   Leaf<V, S> gl(g);
   if (needs_grad(c.child, targets)) {
     Tensor<V, S> gx(c.child.dims(), Tag::Workspace);

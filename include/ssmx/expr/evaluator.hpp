@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "../backend/cpu/conv1d.hpp"
 #include "nodes.hpp"
 
 namespace ssmx {
@@ -565,11 +566,28 @@ struct Evaluator<ReduceAll<Op, E>, S> : ViewReader<typename E::value_type, typen
 template <class E, Space S>
 struct Evaluator<CausalConv1d<E>, S> : ViewReader<typename E::value_type, typename E::value_type> {
   using V = typename E::value_type;
-  // W accumulating passes over the [n, C] output, one per tap.
+  // On the host, one pass over the rows for all taps (backend/cpu/conv1d.hpp); elsewhere W
+  // accumulating passes over the [n, C] output, one per tap.
   static TensorView<const V, S> compute(const CausalConv1d<E>& c, EvalContext<S>& ctx) {
     TensorView<const V, S> x = materialize(c.child, ctx);
     Tensor<V, S>& out = ctx.template temp<V>(c.dims());
     const index_t n = out.extent(0);
+    if constexpr (S == Space::Host && (std::is_same_v<V, float> || std::is_same_v<V, double>)) {
+      if (x.stride(1) == 1) {
+        const index_t C = x.extent(1);
+        const Work<V> taps = backend::cpu::conv1d_taps(c.weight.view, c.width);
+        Work<V> bias;
+        if (c.has_bias()) {
+          bias = Work<V>(std::size_t(C));
+          for (index_t k = 0; k < C; ++k) bias[std::size_t(k)] = c.bias.view.data()[k * c.bias.view.stride(0)];
+        }
+        const backend::cpu::Conv1dMask mask{c.mask.data(), c.has_mask() ? c.mask.stride(0) : 0,
+                                            c.has_mask() ? c.mask.stride(1) : 0};
+        backend::cpu::conv1d_forward<V>(x.data(), x.stride(0), taps.data(), c.has_bias() ? bias.data() : nullptr, mask,
+                                        n, C, c.width, out.data(), C);
+        return out.view();
+      }
+    }
     if (c.has_bias())
       ssmx::assign(out.view(), c.bias);
     else
