@@ -108,6 +108,34 @@ T factor(const T* At, const T* As, index_t k, bool from_start) {
   return from_start ? std::exp(At[k]) : std::exp(At[k] - As[k]);
 }
 
+// out[k] = m[k] e^{a[k] - b[k]} for k < n, a register of k at a time; b null: e^{a[k]},
+// m null: no factor.
+template <class T>
+void exp_rows(index_t n, const T* a, const T* b, const T* m, T* out) {
+  using Pk = simd::Pack<T>;
+  index_t k = 0;
+  for (; k + Pk::size <= n; k += Pk::size) {
+    Pk x = Pk::load(a + k);
+    if (b) x = x - Pk::load(b + k);
+    Pk e = simd::exp(x);
+    if (m) e = e * Pk::load(m + k);
+    e.store(out + k);
+  }
+  for (; k < n; ++k) {
+    const T e = std::exp(b ? a[k] - b[k] : a[k]);
+    out[k] = m ? m[k] * e : e;
+  }
+}
+
+// Lanes [0, n) set, the rest clear (n < the register's lanes).
+template <class T>
+simd::Pack<T> first_lanes(index_t n) {
+  using Pk = simd::Pack<T>;
+  alignas(64) T lane[Pk::size];
+  for (int i = 0; i < Pk::size; ++i) lane[i] = T(i);
+  return simd::lt(Pk::load(lane), Pk(T(n)));
+}
+
 }  // namespace detail
 
 // What the forward pass keeps for the backward pass: the state before every chunk
@@ -144,6 +172,12 @@ void chunk_mask(const Inputs<T>& in, index_t t0, index_t t1, const T* A, const T
         const P e = simd::exp(at - P::load(ATk + s));
         e.store(Kr + s);
         (P::load(Mr + s) + cb * P::load(BTk + s) * e).store(Mr + s);
+      }
+      if (s < s1 && s + P::size <= l) {  // the row's tail as one register, lanes past t zero
+        const P e = simd::select(first_lanes<T>(s1 - s), simd::exp(at - P::load(ATk + s)), P(0));
+        e.store(Kr + s);
+        (P::load(Mr + s) + cb * P::load(BTk + s) * e).store(Mr + s);
+        s = s1;
       }
       for (; s < s1; ++s) {
         const T e = std::exp(At[k] - ATk[s]);
@@ -225,16 +259,28 @@ struct Chunk {
       const Pk ar(A[r]);
       index_t s = s0;
       for (; s + Pk::size <= s1; s += Pk::size) simd::exp(ar - Pk::load(A + s)).store(Er + s);
+      if (s < s1 && s + Pk::size <= l) {  // the tail as one register, lanes past r zero
+        simd::select(detail::first_lanes<T>(s1 - s), simd::exp(ar - Pk::load(A + s)), Pk(0)).store(Er + s);
+        s = s1;
+      }
       for (; s < s1; ++s) Er[s] = std::exp(A[r] - A[s]);
     }
   }
   // e^{A^end - A^s} for the tokens the last one sees, else 0: [l].
   void to_end(const T* A, T* r_) const {
-    for (index_t s = 0; s < l; ++s) r_[s] = s >= end_seen ? std::exp(A[l - 1] - A[s]) : T(0);
+    using Pk = simd::Pack<T>;
+    std::fill(r_, r_ + end_seen, T(0));
+    const Pk ae(A[l - 1]);
+    index_t s = end_seen;
+    for (; s + Pk::size <= l; s += Pk::size) simd::exp(ae - Pk::load(A + s)).store(r_ + s);
+    for (; s < l; ++s) r_[s] = std::exp(A[l - 1] - A[s]);
   }
-  // e^{A^t} for the tokens that see the state before the chunk, else 0: [l].
+  // e^{A^t} for the tokens that see the state before the chunk (a prefix), else 0: [l].
   void from_start(const T* A, T* q) const {
-    for (index_t r = 0; r < l; ++r) q[r] = sees_start(r) ? std::exp(A[r]) : T(0);
+    index_t e = 0;
+    while (e < l && sees_start(e)) ++e;
+    detail::exp_rows<T>(e, A, nullptr, nullptr, q);
+    std::fill(q + e, q + l, T(0));
   }
 };
 
@@ -440,13 +486,12 @@ void forward(const Inputs<T>& in, const T* h0, T* y, T* h_last, Saved<T>* saved 
     }
     const index_t te = t1 - 1;
     const T* Ae = A.data() + (te - t0) * N;
-    for (index_t s = detail::first_seen(in, t0, te); s <= te; ++s) {
-      const T* As = A.data() + (s - t0) * N;
-      for (index_t k = 0; k < N; ++k)
-        R[std::size_t((s - t0) * N + k)] = in.beta[std::size_t(s * N + k)] * std::exp(Ae[k] - As[k]);
-    }
-    for (index_t k = 0; k < N; ++k)
-      decay_end[std::size_t(ci * N + k)] = detail::sees_start(in, t0, te) ? std::exp(Ae[k]) : T(0);
+    for (index_t s = detail::first_seen(in, t0, te); s <= te; ++s)
+      detail::exp_rows(N, Ae, A.data() + (s - t0) * N, in.beta.data() + s * N, R.data() + (s - t0) * N);
+    if (detail::sees_start(in, t0, te))
+      detail::exp_rows<T>(N, Ae, nullptr, nullptr, decay_end.data() + ci * N);
+    else
+      std::fill(decay_end.data() + ci * N, decay_end.data() + (ci + 1) * N, T(0));
     MapM<T>(added.data() + ci * P * N, P, N).noalias() = X.transpose() * CMapM<T>(R.data(), l, N);
   }
   // The states before each chunk, in order.
@@ -471,8 +516,7 @@ void forward(const Inputs<T>& in, const T* h0, T* y, T* h_last, Saved<T>* saved 
       for (index_t t = t0; t < t1; ++t)
         if (detail::sees_start(in, t0, t)) {
           any = true;
-          for (index_t k = 0; k < N; ++k)
-            Q[std::size_t((t - t0) * N + k)] = in.c[std::size_t(t * N + k)] * std::exp(A[std::size_t((t - t0) * N + k)]);
+          detail::exp_rows<T>(N, A.data() + (t - t0) * N, nullptr, in.c.data() + t * N, Q.data() + (t - t0) * N);
         }
       if (any)
         MapM<T>(y + t0 * P, l, P).noalias() +=
@@ -512,10 +556,9 @@ void backward(const Inputs<T>& in, const Saved<T>& saved, const T* dy, const T* 
     detail::cumulative(in, t0, t1, A.data());
     for (index_t t = t0; t < t1; ++t)
       if (detail::sees_start(in, t0, t))
-        for (index_t k = 0; k < N; ++k)
-          Qs[std::size_t(t * N + k)] = in.c[std::size_t(t * N + k)] * std::exp(A[std::size_t((t - t0) * N + k)]);
+        detail::exp_rows<T>(N, A.data() + (t - t0) * N, nullptr, in.c.data() + t * N, Qs.data() + t * N);
     if (detail::sees_start(in, t0, t1 - 1))
-      for (index_t k = 0; k < N; ++k) decay_end[std::size_t(ci * N + k)] = std::exp(A[std::size_t((l - 1) * N + k)]);
+      detail::exp_rows<T>(N, A.data() + (l - 1) * N, nullptr, nullptr, decay_end.data() + ci * N);
   }
   Work<T> carry(std::size_t(P * N), T(0));  // dL/d(state at the end of chunk ci)
   if (dh_end) std::copy(dh_end, dh_end + P * N, carry.begin());
@@ -545,10 +588,12 @@ void backward(const Inputs<T>& in, const Saved<T>& saved, const T* dy, const T* 
     const T* Mk = Mw.data();
     const T* Ae = A.data() + (l - 1) * N;
     const index_t s_end = detail::first_seen(in, t0, te);
+    // R[s] = β^s e^{A^end - A^s}, and the factor alone (dR's VJP to β) in F.
+    Work<T> F(std::size_t(l * N), T(0));
     for (index_t s = s_end; s <= te; ++s) {
-      const T* As = A.data() + (s - t0) * N;
-      for (index_t k = 0; k < N; ++k)
-        R[std::size_t((s - t0) * N + k)] = in.beta[std::size_t(s * N + k)] * std::exp(Ae[k] - As[k]);
+      T* Fs = F.data() + (s - t0) * N;
+      detail::exp_rows<T>(N, Ae, A.data() + (s - t0) * N, nullptr, Fs);
+      for (index_t k = 0; k < N; ++k) R[std::size_t((s - t0) * N + k)] = in.beta[std::size_t(s * N + k)] * Fs[k];
     }
     CMapM<T> X(in.x.data() + t0 * P, l, P), dY(dy + t0 * P, l, P);
     CMapM<T> H0(states.data() + ci * P * N, P, N), dHc(dH.data() + ci * P * N, P, N);
@@ -561,6 +606,7 @@ void backward(const Inputs<T>& in, const Saved<T>& saved, const T* dy, const T* 
     const Mat<T> dR = X * dHc;             // [l, N]
     // The mask's VJP, a register of s at a time: transposed [N, l] rows of β, dβ and dA.
     Work<T> dBT(std::size_t(N * l), T(0)), dAT(std::size_t(N * l), T(0));
+    Work<T> Er{std::size_t(N)};
     for (index_t t = t0; t < t1; ++t) {
       const index_t r = t - t0, s0 = detail::first_seen(in, t0, t) - t0, s1 = r + 1;
       const T* ct = in.c.data() + t * N;
@@ -583,6 +629,16 @@ void backward(const Inputs<T>& in, const Saved<T>& saved, const T* dy, const T* 
           sw += w;
           (P_::load(dATk + s) - w).store(dATk + s);
         }
+        if (s < s1 && s + P_::size <= l) {  // the tail as one register, lanes past t zero
+          const P_ dmK = simd::select(detail::first_lanes<T>(s1 - s), P_::load(dMr + s) * P_::load(Kr + s), P_(0));
+          const P_ bk = P_::load(BTk + s);
+          sc += dmK * bk;
+          (P_::load(dBTk + s) + dmK * cb).store(dBTk + s);
+          const P_ w = dmK * cb * bk;
+          sw += w;
+          (P_::load(dATk + s) - w).store(dATk + s);
+          s = s1;
+        }
         T scs = sc.sum(), sws = sw.sum();
         for (; s < s1; ++s) {
           const T dmK = dMr[s] * Kr[s];
@@ -595,19 +651,21 @@ void backward(const Inputs<T>& in, const Saved<T>& saved, const T* dy, const T* 
         dct[k] += scs;
         dATk[r] += sws;
       }
-      if (detail::sees_start(in, t0, t))
+      if (detail::sees_start(in, t0, t)) {
+        T* E = Er.data();
+        detail::exp_rows<T>(N, A.data() + r * N, nullptr, nullptr, E);
         for (index_t k = 0; k < N; ++k) {
-          const T E = std::exp(A[std::size_t(r * N + k)]);
-          dct[k] += dQ(r, k) * E;
-          dAT[std::size_t(k * l + r)] += dQ(r, k) * ct[k] * E;
+          dct[k] += dQ(r, k) * E[k];
+          dAT[std::size_t(k * l + r)] += dQ(r, k) * ct[k] * E[k];
         }
+      }
     }
     for (index_t s = s_end; s <= te; ++s) {
       const T* Rs = R.data() + (s - t0) * N;
-      const T* As = A.data() + (s - t0) * N;
+      const T* Fs = F.data() + (s - t0) * N;
       for (index_t k = 0; k < N; ++k) {
         const T u = dR(s - t0, k) * Rs[k];  // dL/d(A^end - A^s)
-        dBT[std::size_t(k * l + (s - t0))] += dR(s - t0, k) * std::exp(Ae[k] - As[k]);
+        dBT[std::size_t(k * l + (s - t0))] += dR(s - t0, k) * Fs[k];
         dAT[std::size_t(k * l + (l - 1))] += u;
         dAT[std::size_t(k * l + (s - t0))] -= u;
       }
@@ -616,7 +674,7 @@ void backward(const Inputs<T>& in, const Saved<T>& saved, const T* dy, const T* 
       for (index_t k = 0; k < N; ++k) {
         T s = 0;
         for (index_t p = 0; p < P; ++p) s += dHc(p, k) * H0(p, k);
-        dAT[std::size_t(k * l + (l - 1))] += s * std::exp(Ae[k]);
+        dAT[std::size_t(k * l + (l - 1))] += s * decay_end[std::size_t(ci * N + k)];
       }
     for (index_t r = 0; r < l; ++r)
       for (index_t k = 0; k < N; ++k) g.beta[std::size_t((t0 + r) * N + k)] += dBT[std::size_t(k * l + r)];
