@@ -5,7 +5,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <atomic>
+#include <chrono>
 #include <limits>
+#include <thread>
 #include <ssmx/nn/model.hpp>
 #if defined(_OPENMP)
 #include <omp.h>
@@ -373,7 +376,7 @@ TEST_CASE("model: PaperAdjoint is exact for one layer and not for more") {
 }
 
 TEST_CASE("model: gradients are bit-identical across runs and thread counts") {
-  SmallModel<float, 2, 16, 8> m({32, true, 61});
+  SmallModel<float, 3, 16, 8> m({32, true, 61});  // 3 layers, 5 stretches: a pipeline of up to 3 threads
   Data d(2, 300, 32);
   auto g1 = grads_of(m, d.batch, Adjoint{64, 16});
   auto g2 = grads_of(m, d.batch, Adjoint{64, 16});
@@ -385,10 +388,54 @@ TEST_CASE("model: gradients are bit-identical across runs and thread counts") {
   auto g_one = grads_of(m, d.batch, Adjoint{64, 16});
   omp_set_num_threads(2);
   auto g_two = grads_of(m, d.batch, Adjoint{64, 16});
+  omp_set_num_threads(3);
+  auto g_three = grads_of(m, d.batch, Adjoint{64, 16});
   omp_set_num_threads(saved);
   CHECK(std::memcmp(g_one.data(), g1.data(), g1.size() * sizeof(float)) == 0);
   CHECK(std::memcmp(g_two.data(), g1.data(), g1.size() * sizeof(float)) == 0);
+  CHECK(std::memcmp(g_three.data(), g1.data(), g1.size() * sizeof(float)) == 0);
 #endif
+}
+
+TEST_CASE("model: the layer pipeline runs every stretch after the ones it reads, and passes errors on") {
+  constexpr index_t layers = 5, stretches = 7;
+  for (int threads : {1, 2, 3}) {
+    std::atomic<int> clock{0};
+    std::vector<int> began(layers, -1), ended(layers, -1), start(layers * stretches, -1), stop(layers * stretches, -1);
+    nn::detail::run_pipeline(
+        layers, stretches, threads, [&](index_t i) { began[std::size_t(i)] = clock++; },
+        [&](index_t i, index_t j) {
+          const std::size_t at = std::size_t(i * stretches + j);
+          start[at] = clock++;
+          std::this_thread::sleep_for(std::chrono::microseconds(50 * ((i + j) % 3)));  // uneven stretches
+          stop[at] = clock++;
+        },
+        [&](index_t i) { ended[std::size_t(i)] = clock++; });
+    for (index_t i = 0; i < layers; ++i) {
+      CHECK(began[std::size_t(i)] >= 0);
+      CHECK(began[std::size_t(i)] < start[std::size_t(i * stretches)]);
+      CHECK(ended[std::size_t(i)] > stop[std::size_t(i * stretches + stretches - 1)]);
+      for (index_t j = 0; j < stretches; ++j) {
+        const std::size_t at = std::size_t(i * stretches + j);
+        REQUIRE(start[at] >= 0);
+        if (j > 0) CHECK(start[at] > stop[at - 1]);
+        if (i > 0) CHECK(start[at] > stop[at - stretches]);
+      }
+    }
+  }
+  // An error in one stretch stops the others and reaches the caller.
+  std::atomic<int> ran{0};
+  auto failing = [&] {
+    nn::detail::run_pipeline(
+        layers, stretches, 3, [](index_t) {},
+        [&](index_t i, index_t j) {
+          ++ran;
+          SSMX_REQUIRE(!(i == 2 && j == 3), ValueError, "stretch 3 of layer 2 failed");
+        },
+        [](index_t) {});
+  };
+  CHECK_THROWS_WITH_AS(failing(), doctest::Contains("stretch 3 of layer 2 failed"), ValueError);
+  CHECK(ran.load() < layers * stretches);  // the layers above never got past it
 }
 
 TEST_CASE("model: peak memory orders Adjoint below Checkpointed below Backprop") {

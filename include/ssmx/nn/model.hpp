@@ -28,6 +28,7 @@
 #include "diagonal_ssm.hpp"
 #include "mamba.hpp"
 #include "mamba2.hpp"
+#include "pipeline.hpp"
 #include "embedding.hpp"
 #include "linear.hpp"
 #include "scan_layer.hpp"
@@ -707,6 +708,13 @@ StepResult Model<Layer_, K, Mem>::sequence(const Batch& batch, index_t b, const 
   const ScanPath path =
       backprop || std::is_same_v<Strategy, Checkpointed> ? ScanPath::materialised : scan_path();
 
+  // Layers run as a pipeline over the stretches (nn/pipeline.hpp) on the host when more
+  // than one thread is available and nothing crosses processes; otherwise in order.
+  const index_t n_layers = ke - kb, n_stages = n_layers + (ke == K ? 1 : 0);  // forward: the head too
+  auto pipeline_threads = [&](index_t stages) {
+    return Mem == Space::Host && !link ? detail::pipeline_threads(stages, nchunks) : 1;
+  };
+
   // ---- forward: store each layer's input (after its halo rows) and its chunk-boundary states ----
   // Y[k]: input of layer k, [halo + n, P]; rows [0, halo) come before t0.
   std::vector<StoredStream<T, Mem>> Y(static_cast<std::size_t>(K + 1));
@@ -724,12 +732,16 @@ StepResult Model<Layer_, K, Mem>::sequence(const Batch& batch, index_t b, const 
   });
   std::vector<Tensor<T, Mem>> bnd(static_cast<std::size_t>(K));        // bnd[k]: [nchunks, S], the state before each chunk
   std::vector<Tensor<T, Mem>> decay_prod(static_cast<std::size_t>(K));  // sequence sharding: Π a over this process's tokens
-  Tensor<T, Mem> G(Dims{n_tok, d_model}, Tag::Gradients);  // dL/dy_k, carried down
+  // dL/dy_k, carried down; in the forward pass the top layer's outputs, which the head reads.
+  Tensor<T, Mem> G(Dims{n_tok, d_model}, Tag::Gradients);
   std::vector<Stretch<Layer>> kept(backprop ? std::size_t(K) : 0);
   std::vector<std::vector<ShardTapes<Layer>>> kept_tapes(backprop ? std::size_t(K) : 0);
+  // The forward pipeline's stages: the layers held, then (with the top layer) the head,
+  // which reads the top layer's outputs from G stretch by stretch and writes dL/dy_K there.
   StepResult r;
-  for (index_t k = kb; k < ke; ++k) {
-    const bool top = k == K - 1;
+  auto forward_begin = [&](index_t i) {
+    if (i == n_layers) return;  // the head
+    const index_t k = kb + i;
     StoredStream<T, Mem>& Yk = Y[std::size_t(k)];
     Tensor<T, Mem>& bk = bnd[std::size_t(k)];
     bk = zeros<T, Mem>(Dims{nchunks, S}, Tag::Activations);
@@ -763,38 +775,45 @@ StepResult Model<Layer_, K, Mem>::sequence(const Batch& batch, index_t b, const 
       if (!first) copy<T>(bk.view().slice(0, 1), CV(ab.view()).slice(1, 2));
     }
     if (k + 1 < K) new_input(k + 1);
-    for (index_t c = 0; c < nchunks; ++c) {
-      const index_t c0 = c * chunk, c1 = std::min(n_tok, c0 + chunk);
-      Stretch<Layer> st;
-      Tensor<T, Mem> h_last(Dims{1, S}, Tag::Activations);
-      auto run = [&](TensorView<T, Mem> y_out) {  // the chunk's layer output and last state
-        forward_stretch(block(k), Yk.read(c0, halo + c1, st.y_hold), CV(bk.view()).slice(c, c + 1), st,
-                        resets.offset(c0), backprop ? ScanPath::materialised : path, {h_last.view(), y_out, {}});
-      };
-      if (top) {
-        Tensor<T, Mem> y_out(Dims{c1 - c0, d_model}, Tag::Activations);
-        run(y_out.view());
-        TensorView<T, Mem> g = G.view().slice(c0, c1);
-        StepResult hr = head_loss(CV(y_out.view()), targets + c0, with_backward ? &g : nullptr);
-        r.loss += hr.loss;
-        r.tokens += hr.tokens;
-        r.correct += hr.correct;
-      } else {
-        Y[std::size_t(k + 1)].write(halo + c0, halo + c1, run);
-      }
-      if (c + 1 < nchunks) {
-        copy<T>(bk.view().slice(c + 1, c + 2), CV(h_last.view()));
-      } else if (states) {
-        Tensor<T, Mem> buf;
-        store_final(*states, k, b, CV(h_last.view()), Yk.read(n_tok, n_tok + halo, buf));
-      }
-      if constexpr (backprop) {  // the autograd tape: keep every intermediate
-        kept_tapes[std::size_t(k)].emplace_back(block(k), st, 0, st.n());
-        kept[std::size_t(k)] = std::move(st);
-      }
+  };
+  auto forward_task = [&](index_t i, index_t c) {
+    const index_t k = kb + i, c0 = c * chunk, c1 = std::min(n_tok, c0 + chunk);
+    if (i == n_layers) {  // the head
+      const Tensor<T, Mem> y_top = eval(leaf(CV(G.view()).slice(c0, c1)), Tag::Activations);
+      TensorView<T, Mem> g = G.view().slice(c0, c1);
+      StepResult hr = head_loss(CV(y_top.view()), targets + c0, with_backward ? &g : nullptr);
+      r.loss += hr.loss;
+      r.tokens += hr.tokens;
+      r.correct += hr.correct;
+      return;
     }
-    if (!with_backward) Yk.clear();  // forward only: nothing is stored
-  }
+    StoredStream<T, Mem>& Yk = Y[std::size_t(k)];
+    Tensor<T, Mem>& bk = bnd[std::size_t(k)];
+    Stretch<Layer> st;
+    Tensor<T, Mem> h_last(Dims{1, S}, Tag::Activations);
+    auto run = [&](TensorView<T, Mem> y_out) {  // the chunk's layer output and last state
+      forward_stretch(block(k), Yk.read(c0, halo + c1, st.y_hold), CV(bk.view()).slice(c, c + 1), st,
+                      resets.offset(c0), backprop ? ScanPath::materialised : path, {h_last.view(), y_out, {}});
+    };
+    if (k == K - 1)
+      run(G.view().slice(c0, c1));
+    else
+      Y[std::size_t(k + 1)].write(halo + c0, halo + c1, run);
+    if (c + 1 < nchunks) {
+      copy<T>(bk.view().slice(c + 1, c + 2), CV(h_last.view()));
+    } else if (states) {
+      Tensor<T, Mem> buf;
+      store_final(*states, k, b, CV(h_last.view()), Yk.read(n_tok, n_tok + halo, buf));
+    }
+    if constexpr (backprop) {  // the autograd tape: keep every intermediate
+      kept_tapes[std::size_t(k)].emplace_back(block(k), st, 0, st.n());
+      kept[std::size_t(k)] = std::move(st);
+    }
+  };
+  auto forward_end = [&](index_t i) {
+    if (i < n_layers && !with_backward) Y[std::size_t(kb + i)].clear();  // forward only: nothing is stored
+  };
+  detail::run_pipeline(n_stages, nchunks, pipeline_threads(n_stages), forward_begin, forward_task, forward_end);
   if (ke < K) {
     Tensor<T, Mem> buf;
     link->send_output(Y[std::size_t(ke)].read(halo, halo + n_tok, buf));
@@ -810,21 +829,37 @@ StepResult Model<Layer_, K, Mem>::sequence(const Batch& batch, index_t b, const 
   Tensor<T, Mem> G_paper;  // PaperAdjoint: every layer takes dl/dy_K; input cotangents collect here
   if constexpr (paper) G_paper = G.clone(Tag::Gradients);
   TensorView<T, Mem> G_in = paper ? G_paper.view() : G.view();  // where dL/dy_{k-1} accumulates
-  ShardGrads<T, Mem> sg;
-  for (index_t k = ke - 1; k >= kb; --k) {
+  // What a layer carries from one stretch to the one before it.
+  struct Carried {
+    Tensor<T, Mem> carry, q_next;  // the adjoint carry; TruncatedAdjoint's forward accumulation
+    // dL/d(input rows [q, q + halo)) from the windows of later chunks, held back until the
+    // chunk owning those rows has read its own cotangent from G.
+    Tensor<T, Mem> pending;
+    index_t q = 0;
+  };
+  std::vector<Carried> carried(static_cast<std::size_t>(n_layers));
+  const int threads = pipeline_threads(n_layers);
+  std::vector<ShardGrads<T, Mem>> sgs(static_cast<std::size_t>(threads));  // one per thread, reused stretch to stretch
+  auto thread_sg = [&]() -> ShardGrads<T, Mem>& {
+    return sgs[threads > 1 ? std::size_t(detail::pipeline_thread()) : 0];
+  };
+  auto backward_begin = [&](index_t i) {
+    const index_t k = ke - 1 - i;
     StoredStream<T, Mem>& Yk = Y[std::size_t(k)];
     Tensor<T, Mem>& bk = bnd[std::size_t(k)];
-    Tensor<T, Mem> carry, q_next;
+    Carried& cr = carried[std::size_t(i)];
+    ShardGrads<T, Mem>& sg = thread_sg();
     if (states && final_tok && !states->final_grad.empty()) {
-      carry = Tensor<T, Mem>(Dims{1, S}, Tag::Workspace);
-      copy<T>(carry.view(), row_of(states->final_grad[std::size_t(k)], b, Dims{1, S}));
+      cr.carry = Tensor<T, Mem>(Dims{1, S}, Tag::Workspace);
+      copy<T>(cr.carry.view(), row_of(states->final_grad[std::size_t(k)], b, Dims{1, S}));
     }
     if (split) {
       // The adjoint carry this process passes down is (Π a) carry_in + c_0, with c_0 the
       // one it passes for the carry known here (final_grad, or zero): a reverse pass of
       // the adjoint alone over the chunks finds c_0, the composition over the processes
       // after gives carry_in.
-      Tensor<T, Mem> c_run = carry.empty() ? zeros<T, Mem>(Dims{1, S}, Tag::Workspace) : carry.clone(Tag::Workspace);
+      Tensor<T, Mem> c_run =
+          cr.carry.empty() ? zeros<T, Mem>(Dims{1, S}, Tag::Workspace) : cr.carry.clone(Tag::Workspace);
       for (index_t c = nchunks - 1; c >= 0; --c) {
         const index_t c0 = c * chunk, c1 = std::min(n_tok, c0 + chunk);
         Stretch<Layer> st;
@@ -843,69 +878,74 @@ StepResult Model<Layer_, K, Mem>::sequence(const Batch& batch, index_t b, const 
       copy<T>(ab.view().slice(0, 1), CV(decay_prod[std::size_t(k)].view()));
       copy<T>(ab.view().slice(1, 2), CV(c_run.view()));
       link->backward_carry(k, ab.view());
-      if (!final_tok) carry = eval(leaf(CV(ab.view()).slice(1, 2)), Tag::Workspace);
+      if (!final_tok) cr.carry = eval(leaf(CV(ab.view()).slice(1, 2)), Tag::Workspace);
     }
-    // dL/d(input rows [q, q + halo)) from the windows of later chunks, held back until the
-    // chunk owning those rows has read its own cotangent from G.
-    Tensor<T, Mem> pending = zeros<T, Mem>(Dims{halo, P}, Tag::Workspace);
-    index_t q = n_tok - halo;
+    cr.pending = zeros<T, Mem>(Dims{halo, P}, Tag::Workspace);
+    cr.q = n_tok - halo;
     if (states && final_tok && !states->final_halo_grad.empty())
-      copy<T>(pending.view(), row_of(states->final_halo_grad[std::size_t(k)], b, Dims{halo, P}));
-    for (index_t c = nchunks - 1; c >= 0; --c) {
-      const index_t c0 = c * chunk, c1 = std::min(n_tok, c0 + chunk);
-      Stretch<Layer> recomputed;
-      if constexpr (!backprop)
-        forward_stretch(block(k), Yk.read(c0, halo + c1, recomputed.y_hold), CV(bk.view()).slice(c, c + 1),
-                        recomputed, resets.offset(c0), path);
-      const Stretch<Layer>& st = backprop ? kept[std::size_t(k)] : recomputed;
-      StretchBackward<T, Mem> opt;
-      opt.method = paper ? DeltaMethod::paper : truncated ? DeltaMethod::truncated : DeltaMethod::exact;
-      opt.shard = shard;
-      if constexpr (paper) opt.window = strategy.window;
-      if constexpr (truncated) opt.window = strategy.window;
-      if (!carry.empty()) opt.carry_in = carry.view();
-      Tensor<T, Mem> carry_out(Dims{1, S}, Tag::Workspace), q_cur;
-      opt.carry_out = carry_out.view();
-      if constexpr (truncated) {
-        opt.q_next = &q_next;
-        opt.q_out = c > 0 ? &q_cur : nullptr;
-      }
-      opt.input_grad = G_in.slice(c0, c1);
-      Tensor<T, Mem> halo_grad = zeros<T, Mem>(Dims{halo, P}, Tag::Workspace);
-      opt.halo_grad = halo_grad.view();
-      backward_stretch(block(k), st, CV(G.view()).slice(c0, c1), opt, sg,
-                       backprop ? &kept_tapes[std::size_t(k)] : nullptr);
-      carry = std::move(carry_out);
-      if constexpr (truncated) q_next = std::move(q_cur);
-      if constexpr (halo > 0) {
-        Tensor<T, Mem> next = std::move(halo_grad);  // rows [c0 - halo, c0)
-        for (index_t i = 0; i < halo; ++i) {
-          const index_t row = q + i;
-          const CV src = CV(pending.view()).slice(i, i + 1);
-          if (row >= c0 && row < c1)
-            accumulate(G_in.slice(row, row + 1), leaf(src));
-          else if (row < c0)
-            accumulate(next.view().slice(row - (c0 - halo), row - (c0 - halo) + 1), leaf(src));
-        }
-        pending = std::move(next);
-        q = c0 - halo;
-      }
+      copy<T>(cr.pending.view(), row_of(states->final_halo_grad[std::size_t(k)], b, Dims{halo, P}));
+  };
+  auto backward_task = [&](index_t i, index_t j) {
+    const index_t k = ke - 1 - i, c = nchunks - 1 - j, c0 = c * chunk, c1 = std::min(n_tok, c0 + chunk);
+    Carried& cr = carried[std::size_t(i)];
+    Stretch<Layer> recomputed;
+    if constexpr (!backprop)
+      forward_stretch(block(k), Y[std::size_t(k)].read(c0, halo + c1, recomputed.y_hold),
+                      CV(bnd[std::size_t(k)].view()).slice(c, c + 1), recomputed, resets.offset(c0), path);
+    const Stretch<Layer>& st = backprop ? kept[std::size_t(k)] : recomputed;
+    StretchBackward<T, Mem> opt;
+    opt.method = paper ? DeltaMethod::paper : truncated ? DeltaMethod::truncated : DeltaMethod::exact;
+    opt.shard = shard;
+    if constexpr (paper) opt.window = strategy.window;
+    if constexpr (truncated) opt.window = strategy.window;
+    if (!cr.carry.empty()) opt.carry_in = cr.carry.view();
+    Tensor<T, Mem> carry_out(Dims{1, S}, Tag::Workspace), q_cur;
+    opt.carry_out = carry_out.view();
+    if constexpr (truncated) {
+      opt.q_next = &cr.q_next;
+      opt.q_out = c > 0 ? &q_cur : nullptr;
     }
+    opt.input_grad = G_in.slice(c0, c1);
+    Tensor<T, Mem> halo_grad = zeros<T, Mem>(Dims{halo, P}, Tag::Workspace);
+    opt.halo_grad = halo_grad.view();
+    backward_stretch(block(k), st, CV(G.view()).slice(c0, c1), opt, thread_sg(),
+                     backprop ? &kept_tapes[std::size_t(k)] : nullptr);
+    cr.carry = std::move(carry_out);
+    if constexpr (truncated) cr.q_next = std::move(q_cur);
+    if constexpr (halo > 0) {
+      Tensor<T, Mem> next = std::move(halo_grad);  // rows [c0 - halo, c0)
+      for (index_t h = 0; h < halo; ++h) {
+        const index_t row = cr.q + h;
+        const CV src = CV(cr.pending.view()).slice(h, h + 1);
+        if (row >= c0 && row < c1)
+          accumulate(G_in.slice(row, row + 1), leaf(src));
+        else if (row < c0)
+          accumulate(next.view().slice(row - (c0 - halo), row - (c0 - halo) + 1), leaf(src));
+      }
+      cr.pending = std::move(next);
+      cr.q = c0 - halo;
+    }
+  };
+  auto backward_end = [&](index_t i) {
+    const index_t k = ke - 1 - i;
+    Carried& cr = carried[std::size_t(i)];
     if (states && first) {
-      copy<T>(row_of(states->initial_grad[std::size_t(k)], b, Dims{1, S}), CV(carry.view()));
-      if (halo > 0) copy<T>(row_of(states->initial_halo_grad[std::size_t(k)], b, Dims{halo, P}), CV(pending.view()));
+      copy<T>(row_of(states->initial_grad[std::size_t(k)], b, Dims{1, S}), CV(cr.carry.view()));
+      if (halo > 0) copy<T>(row_of(states->initial_halo_grad[std::size_t(k)], b, Dims{halo, P}), CV(cr.pending.view()));
     }
     // The rows before t0 belong to the previous process; this process's last rows get the
     // next process's part (G_in now holds dL/dy_{k-1} on every row but those terms).
     if constexpr (halo > 0)
-      if (split) link->exchange_halo_grad(k, CV(pending.view()), G_in.slice(n_tok - halo, n_tok));
-    // Layer k is done: its stored input and tapes are no longer needed.
+      if (split) link->exchange_halo_grad(k, CV(cr.pending.view()), G_in.slice(n_tok - halo, n_tok));
+    // Layer k is done: its stored input, tapes and carries are no longer needed.
     if constexpr (backprop) {
       kept_tapes[std::size_t(k)].clear();
       kept[std::size_t(k)] = Stretch<Layer>();
     }
-    if (k > 0) Yk.clear();
-  }
+    if (k > 0) Y[std::size_t(k)].clear();
+    cr = Carried();
+  };
+  detail::run_pipeline(n_layers, nchunks, threads, backward_begin, backward_task, backward_end);
   if (kb == 0)
     embedding_->backward(inputs, n_tok, CV(G_in));
   else
