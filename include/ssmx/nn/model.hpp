@@ -719,7 +719,7 @@ StepResult Model<Layer_, K, Mem>::sequence(const Batch& batch, index_t b, const 
   // Y[k]: input of layer k, [halo + n, P]; rows [0, halo) come before t0.
   std::vector<StoredStream<T, Mem>> Y(static_cast<std::size_t>(K + 1));
   auto new_input = [&](index_t k) {
-    Y[std::size_t(k)] = StoredStream<T, Mem>(halo + n_tok, P, cfg_.bf16_inputs);
+    Y[std::size_t(k)] = StoredStream<T, Mem>(halo + n_tok, P, cfg_.bf16_inputs, halo);  // the layers write the rest
     if (states && first && !states->initial_halo.empty() && holds_layer(k))
       Y[std::size_t(k)].write(0, CV(states->initial_halo[std::size_t(k)].data() + b * HP, Dims{halo, P}));
   };

@@ -20,12 +20,18 @@ class StoredStream {
  public:
   using CV = TensorView<const T, S>;
   StoredStream() = default;
-  // Zeros, [rows, width].
-  StoredStream(index_t rows, index_t width, bool bf16_storage) : bf16_(bf16_storage) {
-    if (bf16_)
-      half_ = zeros<bf16, S>(Dims{rows, width}, Tag::Activations);  // bf16 zero is all-zero bits
-    else
-      full_ = zeros<T, S>(Dims{rows, width}, Tag::Activations);
+  // [rows, width]: rows [0, zero_rows) zero, the others uninitialised (the caller writes
+  // every one of them before reading it).
+  StoredStream(index_t rows, index_t width, bool bf16_storage, index_t zero_rows) : bf16_(bf16_storage) {
+    const index_t z = std::min(std::max<index_t>(zero_rows, 0), rows);
+    const std::size_t zero_elems = std::size_t(z * width);
+    if (bf16_) {
+      half_ = Tensor<bf16, S>(Dims{rows, width}, Tag::Activations);
+      ssmx::detail::zero_bytes(half_.data(), S, zero_elems * sizeof(bf16));  // bf16 zero is all-zero bits
+    } else {
+      full_ = Tensor<T, S>(Dims{rows, width}, Tag::Activations);
+      ssmx::detail::zero_bytes(full_.data(), S, zero_elems * sizeof(T));
+    }
   }
   bool empty() const { return bf16_ ? half_.empty() : full_.empty(); }
   void clear() { *this = StoredStream(); }

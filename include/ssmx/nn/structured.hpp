@@ -361,7 +361,7 @@ void backward(const Inputs<T>& in, const Saved<T>& saved, const T* dy, const T* 
   g.la = Work<T>(std::size_t(n * H), T(0));
   g.beta = Work<T>(std::size_t(n * in.groups * N), T(0));
   g.c = Work<T>(std::size_t(n * in.groups * N), T(0));
-  g.x = Work<T>(std::size_t(n * H * P), T(0));
+  g.x = Work<T>(std::size_t(n * H * P));  // every chunk writes its rows
   g.h0 = Work<T>(std::size_t(HPN), T(0));
   // dL/d(state at the end of each chunk), last chunk to first:
   //   dH_{c-1} = dYᵀ diag(e^{A^t}) C (the chunk's readout of its start) + e^{A^end} dH_c
@@ -541,7 +541,7 @@ void backward(const Inputs<T>& in, const Saved<T>& saved, const T* dy, const T* 
   g.la = Work<T>(std::size_t(n * N), T(0));
   g.beta = Work<T>(std::size_t(n * N), T(0));
   g.c = Work<T>(std::size_t(n * N), T(0));
-  g.x = Work<T>(std::size_t(n * P), T(0));
+  g.x = Work<T>(std::size_t(n * P));  // every chunk writes its rows
   g.h0 = Work<T>(std::size_t(P * N), T(0));
   // dL/d(state at the end of each chunk): from the chunk after it, last to first.
   //   dH_{c-1} = Σ_t dy^tᵀ ⊗ c^t e^{A^t} (over the tokens of c that see its start) + e^{A^end} ⊙ dH_c
