@@ -390,7 +390,13 @@ TEST_CASE("model: gradients are bit-identical across runs and thread counts") {
   auto g_two = grads_of(m, d.batch, Adjoint{64, 16});
   omp_set_num_threads(3);
   auto g_three = grads_of(m, d.batch, Adjoint{64, 16});
+  nn::ModelConfig in_order{32, true, 61};
+  in_order.pipeline = false;  // layer after layer, the threads inside each operation
+  SmallModel<float, 3, 16, 8> m_in_order(in_order);
+  omp_set_num_threads(2);
+  auto g_in_order = grads_of(m_in_order, d.batch, Adjoint{64, 16});
   omp_set_num_threads(saved);
+  CHECK(std::memcmp(g_in_order.data(), g1.data(), g1.size() * sizeof(float)) == 0);
   CHECK(std::memcmp(g_one.data(), g1.data(), g1.size() * sizeof(float)) == 0);
   CHECK(std::memcmp(g_two.data(), g1.data(), g1.size() * sizeof(float)) == 0);
   CHECK(std::memcmp(g_three.data(), g1.data(), g1.size() * sizeof(float)) == 0);

@@ -167,6 +167,12 @@ struct ModelConfig {
   // whose maps have its shape (DiagonalSSM, GatedSSM, Mamba2). false: the fused scan for
   // them too.
   bool structured = true;
+  // On the host with more than one OpenMP thread, run a step's layers as a pipeline over
+  // the stretches (nn/pipeline.hpp): the threads meet once per stretch instead of once per
+  // operation. Costs one stretch's workspace and one set of per-shard gradient buffers per
+  // extra thread. false: layer after layer, the threads inside each operation (the least
+  // memory). Gradients are bit-identical either way.
+  bool pipeline = true;
 };
 
 // Mem: the memory space everything lives in (parameters, the stored streams, the tapes);
@@ -712,7 +718,7 @@ StepResult Model<Layer_, K, Mem>::sequence(const Batch& batch, index_t b, const 
   // than one thread is available and nothing crosses processes; otherwise in order.
   const index_t n_layers = ke - kb, n_stages = n_layers + (ke == K ? 1 : 0);  // forward: the head too
   auto pipeline_threads = [&](index_t stages) {
-    return Mem == Space::Host && !link ? detail::pipeline_threads(stages, nchunks) : 1;
+    return Mem == Space::Host && !link && cfg_.pipeline ? detail::pipeline_threads(stages, nchunks) : 1;
   };
 
   // ---- forward: store each layer's input (after its halo rows) and its chunk-boundary states ----

@@ -54,21 +54,10 @@ inline int pipeline_thread() {
 #endif
 }
 
-// For every layer i in [0, layers): begin(i), task(i, j) for j in [0, stretches), end(i);
-// task(i, j) after task(i, j - 1) and task(i - 1, j). With threads > 1, layers i ≡ r
-// (mod threads) run on thread r. An exception on any thread stops the others at their next
-// stretch and is rethrown here.
-template <class Begin, class Task, class End>
-void run_pipeline(index_t layers, index_t stretches, int threads, Begin&& begin, Task&& task, End&& end) {
-  if (threads <= 1) {
-    for (index_t i = 0; i < layers; ++i) {
-      begin(i);
-      for (index_t j = 0; j < stretches; ++j) task(i, j);
-      end(i);
-    }
-    return;
-  }
 #if defined(_OPENMP)
+// run_pipeline on `threads` OpenMP threads.
+template <class Begin, class Task, class End>
+void run_pipeline_threads(index_t layers, index_t stretches, int threads, Begin& begin, Task& task, End& end) {
   // done[i]: stretches layer i has finished. Each is written by one thread and read by the
   // thread of layer i + 1.
   const std::unique_ptr<std::atomic<index_t>[]> done(new std::atomic<index_t>[std::size_t(layers)]);
@@ -100,7 +89,28 @@ void run_pipeline(index_t layers, index_t stretches, int threads, Begin&& begin,
     }
   }
   if (error) std::rethrow_exception(error);
+}
 #endif
+
+// For every layer i in [0, layers): begin(i), task(i, j) for j in [0, stretches), end(i);
+// task(i, j) after task(i, j - 1) and task(i - 1, j). With threads > 1 (and OpenMP), layers i ≡ r
+// (mod threads) run on thread r. An exception on any thread stops the others at their next
+// stretch and is rethrown here.
+template <class Begin, class Task, class End>
+void run_pipeline(index_t layers, index_t stretches, int threads, Begin&& begin, Task&& task, End&& end) {
+#if defined(_OPENMP)
+  if (threads > 1) {
+    run_pipeline_threads(layers, stretches, threads, begin, task, end);
+    return;
+  }
+#else
+  (void)threads;  // without OpenMP, in order
+#endif
+  for (index_t i = 0; i < layers; ++i) {
+    begin(i);
+    for (index_t j = 0; j < stretches; ++j) task(i, j);
+    end(i);
+  }
 }
 
 }  // namespace ssmx::nn::detail
