@@ -466,6 +466,10 @@ TEST_CASE("model: bfloat16 stored inputs halve the stored stream, every strategy
   using M = nn::Model<nn::Mamba<float, 16, 4, 2, 4>, 3>;  // a halo: the conv window reads stored rows
   Data d(2, 200, 32);
   M::Config c{32, true, 5};
+  // Layer after layer: in the pipeline two stretches are in flight and how their transient
+  // activations overlap depends on the threads' timing, so the peak would vary by a stretch's
+  // buffers from run to run; the stored stream's share is what this test counts.
+  c.pipeline = false;
   M full(c);
   c.bf16_inputs = true;
   M half(c);

@@ -95,13 +95,12 @@ TensorView<T, S> swap_last(TensorView<T, S> v) {
   return TensorView<T, S>(v.data(), d, st);
 }
 
-namespace detail {
 // The sum over axis 0 of a contiguous host tensor v ([n, ...]) into out ([...] or [1, ...]):
 // row after row, a register of columns at a time. Each column is summed in token order from
 // zero, as the element-wise reduction does, so the result is the same to the bit; walking
 // the rows instead of each column's strided elements reads every cache line once.
 template <class V>
-void sum_rows(TensorView<const V, Space::Host> v, TensorView<V, Space::Host> out) {
+void sum_leading_rows(TensorView<const V, Space::Host> v, TensorView<V, Space::Host> out) {
   const index_t n = v.extent(0), w = v.numel() / std::max<index_t>(n, 1);
   V* o = out.data();
   std::fill(o, o + w, V(0));
@@ -110,7 +109,6 @@ void sum_rows(TensorView<const V, Space::Host> v, TensorView<V, Space::Host> out
     for (index_t j = 0; j < w; ++j) o[j] += row[j];
   }
 }
-}  // namespace detail
 
 // Sums `g` over the dimensions that broadcasting stretched, giving a tensor of `target` dims.
 template <class V, Space S>
@@ -123,7 +121,7 @@ Tensor<V, S> reduce_to(TensorView<const V, S> g, const Dims& target) {
     for (int i = 1; rest_same && i < v.rank(); ++i) rest_same = v.extent(i) == target[i - (v.rank() - target.rank)];
     if (rest_same) {
       Tensor<V, S> out(target, Tag::Workspace);
-      detail::sum_rows<V>(v, out.view());
+      sum_leading_rows<V>(v, out.view());
       return out;
     }
   }

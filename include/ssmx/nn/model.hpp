@@ -170,8 +170,9 @@ struct ModelConfig {
   // On the host with more than one OpenMP thread, run a step's layers as a pipeline over
   // the stretches (nn/pipeline.hpp): the threads meet once per stretch instead of once per
   // operation. Costs one stretch's workspace and one set of per-shard gradient buffers per
-  // extra thread. false: layer after layer, the threads inside each operation (the least
-  // memory). Gradients are bit-identical either way.
+  // extra thread, and the peak then varies by up to a stretch's buffers with the threads'
+  // timing. false: layer after layer, the threads inside each operation (the least memory,
+  // the same peak every step). Gradients are bit-identical either way.
   bool pipeline = true;
 };
 
@@ -783,7 +784,7 @@ StepResult Model<Layer_, K, Mem>::sequence(const Batch& batch, index_t b, const 
     if (k + 1 < K) new_input(k + 1);
   };
   auto forward_task = [&](index_t i, index_t c) {
-    const index_t k = kb + i, c0 = c * chunk, c1 = std::min(n_tok, c0 + chunk);
+    const index_t c0 = c * chunk, c1 = std::min(n_tok, c0 + chunk);
     if (i == n_layers) {  // the head
       const Tensor<T, Mem> y_top = eval(leaf(CV(G.view()).slice(c0, c1)), Tag::Activations);
       TensorView<T, Mem> g = G.view().slice(c0, c1);
@@ -793,6 +794,7 @@ StepResult Model<Layer_, K, Mem>::sequence(const Batch& batch, index_t b, const 
       r.correct += hr.correct;
       return;
     }
+    const index_t k = kb + i;
     StoredStream<T, Mem>& Yk = Y[std::size_t(k)];
     Tensor<T, Mem>& bk = bnd[std::size_t(k)];
     Stretch<Layer> st;

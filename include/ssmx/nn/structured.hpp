@@ -102,12 +102,6 @@ bool sees_start(const Inputs<T>& in, index_t t0, index_t t) {
   return in.seg[std::size_t(t)] < t0;
 }
 
-// e^{A^t - A^s} for t's chunk-relative row of A and a row of s (or e^{A^t} from the start).
-template <class T>
-T factor(const T* At, const T* As, index_t k, bool from_start) {
-  return from_start ? std::exp(At[k]) : std::exp(At[k] - As[k]);
-}
-
 // out[k] = m[k] e^{a[k] - b[k]} for k < n, a register of k at a time; b null: e^{a[k]},
 // m null: no factor.
 template <class T>
